@@ -1,0 +1,74 @@
+"""The `huayu` command: a table from command to module; modules are imported only when used.
+
+Each command module defines `add_arguments(parser)` and `run(args)`; `run` returns an exit code
+(or None for success).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from huayu.errors import HuayuError
+
+# command words -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "data inspect": ("huayu.data.commands:inspect", "Validate a data file and show counts and samples"),
+    "data convert": ("huayu.data.commands:convert", "Convert between data formats (e.g. KdConv JSON -> EVA text)"),
+    "tokenizer train": ("huayu.tokenizer:train", "Train a Chinese tokenizer (char or BPE) in HF format"),
+    "pretrain": ("huayu.train.pretrain", "Pre-train a model (causal LM with sequence packing)"),
+    "sft": ("huayu.train.sft", "Supervised fine-tuning on dialogues or instructions"),
+    "eval": ("huayu.evaluation.evaluate", "Static evaluation: loss/ppl, BLEU-4, Dist-n, F1, ROUGE-L"),
+    "metrics": ("huayu.evaluation.metrics_command", "Score hypothesis lines against reference lines"),
+    "generate": ("huayu.generation_command", "Generate continuations for prompts"),
+    "chat": ("huayu.chat", "Interactive multi-turn chat in the terminal (or piped stdin)"),
+    "demo": ("huayu.demo", "Train, evaluate and chat with a tiny model on the bundled corpus"),
+}
+
+
+def _load(target: str):
+    module_name, _, prefix = target.partition(":")
+    module = importlib.import_module(module_name)
+    if prefix:
+        return getattr(module, f"add_{prefix}_arguments"), getattr(module, f"run_{prefix}")
+    return module.add_arguments, module.run
+
+
+def _top_help() -> str:
+    width = max(len(k) for k in COMMANDS)
+    lines = ["usage: huayu COMMAND [options]   (huayu COMMAND --help for its options)", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_top_help())
+        return 0
+    if argv[0] == "--version":
+        from huayu import __version__
+        print(__version__)
+        return 0
+    name = " ".join(argv[:2]) if " ".join(argv[:2]) in COMMANDS else argv[0]
+    if name not in COMMANDS:
+        print(f"huayu: unknown command {' '.join(argv[:2])!r}\n\n{_top_help()}", file=sys.stderr)
+        return 2
+    target, help_ = COMMANDS[name]
+    add_arguments, run = _load(target)
+    parser = argparse.ArgumentParser(prog=f"huayu {name}", description=help_)
+    add_arguments(parser)
+    args = parser.parse_args(argv[len(name.split()):])
+    try:
+        return int(run(args) or 0)
+    except HuayuError as exc:
+        print(f"huayu {name}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"huayu {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Configs as dataclasses: defaults in code, a YAML file as a partial override, CLI flags on top.
+
+Every leaf field of a config tree becomes a flag `--section.field` and, when its name is unique in
+the tree, the short alias `--field` (dashes or underscores). Unknown keys in YAML are errors, so a
+typo never silently falls back to a default. The resolved config is written beside every output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from huayu.errors import HuayuError
+
+
+class ConfigError(HuayuError, ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+def field_doc(help: str, **kwargs) -> Any:
+    """A dataclass field whose help text is shown by `--help`."""
+    metadata = {"help": help}
+    if kwargs.pop("positional", False):
+        metadata["positional"] = True
+    if "default_factory" in kwargs:
+        return dataclasses.field(default_factory=kwargs.pop("default_factory"), metadata=metadata)
+    return dataclasses.field(default=kwargs.pop("default", None), metadata=metadata)
+
+
+def _leaves(cls, prefix: str = ""):
+    """Yield (dotted name, field, python type) for every non-dataclass field of `cls`."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _leaves(tp, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f, tp
+
+
+def _base_type(tp):
+    """Strip Optional[...] and return (base type, origin args)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    return tp
+
+
+def _str2bool(text: str) -> bool:
+    low = str(text).lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _convert(name: str, tp, value):
+    """Coerce a YAML or CLI value to the field's type, with an error naming the field."""
+    if value is None:
+        return None
+    base = _base_type(tp)
+    origin = typing.get_origin(base)
+    try:
+        if base is bool:
+            return value if isinstance(value, bool) else _str2bool(value)
+        if base in (int, float, str):
+            if base is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError("not an integer")
+            return base(value)
+        if origin is list:
+            (item,) = typing.get_args(base) or (str,)
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v != ""]
+            return [_convert(name, item, v) for v in value]
+        if origin is dict:
+            if isinstance(value, str):  # "a=b,c=d"
+                value = dict(kv.split("=", 1) for kv in value.split(",") if kv)
+            return {str(k): str(v) for k, v in dict(value).items()}
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+        raise ConfigError(f"config key '{name}': cannot read {value!r} as {base}: {exc}") from None
+    return value
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """Add `--config` and one flag per leaf field of `cls` to `parser`."""
+    parser.add_argument("--config", metavar="YAML", help="YAML file overriding the defaults")
+    leaves = list(_leaves(cls))
+    short_counts: dict[str, int] = {}
+    for name, f, _ in leaves:
+        short = name.rsplit(".", 1)[-1]
+        short_counts[short] = short_counts.get(short, 0) + 1
+    for name, f, tp in leaves:
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        help_text = f"{help_text} (default: {default!r})"
+        if f.metadata.get("positional"):
+            parser.add_argument(name, nargs="?", default=argparse.SUPPRESS, help=help_text)
+            continue
+        short = name.rsplit(".", 1)[-1]
+        flags = [f"--{name}"]
+        if "." in name and short_counts[short] == 1:
+            flags += [f"--{short.replace('_', '-')}"]
+        elif "_" in name:
+            flags += [f"--{name.replace('_', '-')}"]
+        flags = list(dict.fromkeys(flags))
+        kwargs: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=help_text)
+        if _base_type(tp) is bool:
+            kwargs.update(nargs="?", const=True, type=_str2bool, metavar="BOOL")
+        parser.add_argument(*flags, **kwargs)
+
+
+def _nested_set(tree: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[keys[-1]] = value
+
+
+def build_config(cls, overrides: dict, source: str = "config"):
+    """Build `cls` from a nested dict of overrides; unknown keys raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in (overrides or {}).items():
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key '{key}' (known: {', '.join(names)})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: '{key}' must be a mapping")
+            kwargs[key] = build_config(tp, value, f"{source}: {key}")
+        else:
+            kwargs[key] = _convert(key, tp, value)
+    return cls(**kwargs)
+
+
+def config_from_args(cls, args: argparse.Namespace):
+    """Resolve defaults <- YAML (`--config`) <- CLI flags into an instance of `cls`."""
+    tree: dict = {}
+    yaml_path = getattr(args, "config", None)
+    if yaml_path:
+        try:
+            loaded = yaml.safe_load(Path(yaml_path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{yaml_path}: cannot read config: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{yaml_path}: a config file must be a mapping")
+        tree = loaded
+    for name, _, _ in _leaves(cls):
+        if hasattr(args, name):
+            _nested_set(tree, name, getattr(args, name))
+    return build_config(cls, tree, source=yaml_path or "config")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), allow_unicode=True, sort_keys=False), encoding="utf-8")
+    tmp.replace(path)

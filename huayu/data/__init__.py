@@ -1,0 +1,1 @@
+"""Data: reading every supported format into one record shape, and turning records into batches."""

@@ -1,0 +1,32 @@
+"""Turning token-id examples into padded tensor batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IGNORE = -100  # label id that carries no loss
+
+
+@dataclass
+class Example:
+    input_ids: list[int]  # or a 1-D integer array
+    labels: list[int]
+
+
+def pad_collate(pad_id: int):
+    """A collate function that right-pads input_ids/labels and builds the attention mask."""
+    import torch
+
+    def collate(examples: list[Example]) -> dict:
+        width = max(len(e.input_ids) for e in examples)
+        ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for row, e in enumerate(examples):
+            n = len(e.input_ids)
+            ids[row, :n] = torch.as_tensor(e.input_ids)
+            labels[row, :n] = torch.as_tensor(e.labels)
+            mask[row, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    return collate

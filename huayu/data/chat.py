@@ -1,0 +1,117 @@
+"""Dialogues to token ids through the tokenizer's own chat template, with exact loss masks.
+
+Each message is rendered by diffing the template's output for messages[:i] and messages[:i+1], so
+any prefix-stable Jinja template works (huayu's default, Qwen's, ...). An assistant message splits
+into a header (e.g. "<|assistant|>", no loss) and a body (content + end-of-turn, which is learned).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from huayu.data.batching import IGNORE, Example
+from huayu.data.templates import DEFAULT_CHAT_TEMPLATE
+from huayu.errors import HuayuError
+
+LOSS_ON = ("assistant", "last", "all")
+
+
+@dataclass
+class Segment:
+    ids: list[int]
+    message: int          # index of the message this segment belongs to
+    is_target: bool       # an assistant body
+
+
+def ensure_chat_template(tokenizer) -> None:
+    """Give tokenizers without a template huayu's default, which is then saved with the model."""
+    if not tokenizer.chat_template:
+        if tokenizer.eos_token is None:
+            raise HuayuError("the tokenizer has neither a chat template nor an eos token")
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+
+
+def _render(tokenizer, messages, generation_prompt=False) -> str:
+    if not messages:
+        return ""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def segment_texts(tokenizer, messages: list[dict]) -> list[tuple[str, int, bool]]:
+    """(text, message index, is assistant body) pieces whose concatenation is the full rendering."""
+    pieces, done = [], ""
+    for i, message in enumerate(messages):
+        full = _render(tokenizer, messages[:i + 1])
+        if not full.startswith(done):
+            raise HuayuError("the chat template is not prefix-stable: rendering a longer dialogue "
+                             "changed the text of earlier turns")
+        if message["role"] == "assistant":
+            header = _render(tokenizer, messages[:i], generation_prompt=True)[len(done):]
+            body = full[len(done) + len(header):]
+            pieces += [(header, i, False), (body, i, True)]
+        else:
+            pieces.append((full[len(done):], i, False))
+        done = full
+    return [p for p in pieces if p[0]]
+
+
+def segments(tokenizer, messages: list[dict]) -> list[Segment]:
+    pieces = segment_texts(tokenizer, messages)
+    ids = tokenizer([p[0] for p in pieces], add_special_tokens=False)["input_ids"] if pieces else []
+    return [Segment(i, m, t) for i, (_, m, t) in zip(ids, pieces)]
+
+
+def _truncate_source(segs: list[Segment], max_len: int) -> list[Segment]:
+    """Drop the oldest messages (keeping a leading system message) until the source fits; if the
+    newest message alone is still too long, keep its last `max_len` tokens."""
+    def size(ss):
+        return sum(len(s.ids) for s in ss)
+
+    keep_first = bool(segs) and segs[0].message == 0 and len({s.message for s in segs}) > 1
+    while size(segs) > max_len:
+        messages = sorted({s.message for s in segs})
+        droppable = messages[1:-1] if keep_first else messages[:-1]
+        if not droppable:
+            break
+        segs = [s for s in segs if s.message != droppable[0]]
+    while size(segs) > max_len and segs:
+        overflow = size(segs) - max_len
+        if len(segs[0].ids) <= overflow:
+            segs = segs[1:]
+        else:
+            segs = [Segment(segs[0].ids[overflow:], segs[0].message, segs[0].is_target)] + segs[1:]
+    return segs
+
+
+def _last_target(segs: list[Segment]) -> int:
+    for k in range(len(segs) - 1, -1, -1):
+        if segs[k].is_target:
+            return k
+    raise HuayuError("a dialogue has no assistant turn to learn")
+
+
+def encode_dialogue(tokenizer, messages: list[dict], max_source_length: int, max_target_length: int,
+                    loss_on: str = "assistant") -> Example:
+    """Token ids and labels for one training dialogue; the last assistant turn is the target.
+
+    Turns after the last assistant message have nothing to learn and are not encoded.
+    """
+    segs = segments(tokenizer, messages)
+    k = _last_target(segs)
+    target = segs[k].ids[:max_target_length]
+    source = _truncate_source(segs[:k], max_source_length)
+    ids, labels = [], []
+    for s in source:
+        learn = loss_on == "all" or (loss_on == "assistant" and s.is_target)
+        ids += s.ids
+        labels += s.ids if learn else [IGNORE] * len(s.ids)
+    return Example(ids + target, labels + target)
+
+
+def encode_prompt(tokenizer, context: list[dict], max_source_length: int) -> list[int]:
+    """Ids of `context` plus the assistant header, truncated from the oldest turn."""
+    segs = segments(tokenizer, context)
+    header = _render(tokenizer, context, generation_prompt=True)[len(_render(tokenizer, context)):]
+    header_ids = tokenizer(header, add_special_tokens=False)["input_ids"] if header else []
+    segs = _truncate_source(segs + [Segment(header_ids, len(context), False)], max_source_length)
+    return [t for s in segs for t in s.ids]

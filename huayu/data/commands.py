@@ -1,0 +1,237 @@
+"""`huayu data inspect` and `huayu data convert`: check a data file before spending GPU hours on it,
+and turn it into the format a recipe reads (e.g. KdConv JSON -> EVA text for the EVA benchmark)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+from collections import Counter
+from pathlib import Path
+
+from huayu.data.formats import (COLUMNS_FORMAT, DIALOGUE_FORMATS, Dialogue, ReadResult, TextRecord,
+                                dialogue_origin, read_dialogues, read_texts)
+from huayu.errors import HuayuError
+
+DIALOGUE_CHOICES = ("auto", *DIALOGUE_FORMATS, COLUMNS_FORMAT)
+SPLITS = ("train", "valid", "test")
+SHOW_CHARS = 300  # a sample's turn is cut here when shown, so one long answer does not flood the terminal
+_LINE_BREAKS = re.compile(r"[\t\r\n]+")
+_REPLACED = "turns had tabs/newlines replaced by spaces"  # always reported for EVA output
+
+
+# ---------------------------------------------------------------- argument types
+
+
+def _role_map(text: str) -> dict[str, str]:
+    """"client=user,counselor=assistant" -> {"client": "user", "counselor": "assistant"}."""
+    pairs = [item.split("=") for item in text.split(",") if item.strip()]
+    if not pairs or any(len(pair) != 2 or not all(p.strip() for p in pair) for pair in pairs):
+        raise argparse.ArgumentTypeError(f"expected SOURCE=ROLE[,SOURCE=ROLE...], got {text!r}")
+    return {src.strip(): dst.strip() for src, dst in pairs}
+
+
+def _split_ratio(text: str) -> tuple[float, float, float]:
+    """"0.9,0.05,0.05" -> train/valid/test fractions (normalised, so "8,1,1" works too)."""
+    try:
+        ratio = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        ratio = ()
+    if len(ratio) != 3 or min(ratio) < 0 or sum(ratio) <= 0:
+        raise argparse.ArgumentTypeError(f"expected three non-negative numbers TRAIN,VALID,TEST, got {text!r}")
+    return tuple(r / sum(ratio) for r in ratio)
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _add_reader_arguments(parser: argparse.ArgumentParser, formats: tuple[str, ...]) -> None:
+    parser.add_argument("path", help="data file (.gz read transparently) or EVA data directory")
+    parser.add_argument("--format", default="auto", choices=formats, help="input format (default: detect)")
+    parser.add_argument("--role-map", type=_role_map, metavar="SRC=ROLE,...",
+                        help="map source roles to user/assistant/system, e.g. client=user,counselor=assistant")
+    parser.add_argument("--skip-invalid", action="store_true", help="skip (and count) malformed records")
+    parser.add_argument("--split", default="train", help="which file of an EVA directory to read (default: train)")
+    parser.add_argument("--prompt-column", help="read any JSON/JSONL as one prompt -> response pair per record")
+    parser.add_argument("--response-column", help="the response field, with --prompt-column")
+    parser.add_argument("--window", type=_int_at_least(1), help="KdConv: keep only the last N context turns")
+
+
+def _read(args) -> ReadResult:
+    if args.format == "text":
+        return read_texts(args.path, args.text_field, args.target_field, args.skip_invalid)
+    return read_dialogues(args.path, args.format, args.role_map, args.skip_invalid, args.split,
+                          args.prompt_column, args.response_column, args.window)
+
+
+# ---------------------------------------------------------------- inspect
+
+
+def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_reader_arguments(parser, (*DIALOGUE_CHOICES, "text"))
+    parser.add_argument("--text-field", help="--format text: JSON field with the text (default: text/src_txt/content)")
+    parser.add_argument("--target-field", default="tgt_txt", help="--format text: JSON field with a target")
+    parser.add_argument("--show", type=_int_at_least(0), default=2, help="how many samples to print (default: 2)")
+
+
+def run_inspect(args) -> int:
+    result = _read(args)
+    lines = [f"path: {result.path}", f"format: {result.format}"]
+    lines += _text_stats(result.records) if args.format == "text" else _dialogue_stats(result.records)
+    if args.skip_invalid:
+        lines.append(f"skipped (invalid): {result.skipped:,}")
+    print("\n".join(lines))
+    for n, record in enumerate(result.records[: args.show], 1):
+        print(f"\n[{n}] {record.source}\n{_render(record)}")
+    return 0
+
+
+def _summary(values: list[int], parts: tuple[str, ...] = ("min", "mean", "max")) -> str:
+    if not values:
+        return "-"
+    stats = {"min": min(values), "mean": sum(values) / len(values), "max": max(values)}
+    return " / ".join(f"{name} {stats[name]:,.1f}" if name == "mean" else f"{name} {stats[name]:,}" for name in parts)
+
+
+def _dialogue_stats(records: list[Dialogue]) -> list[str]:
+    turn_chars = [len(m["content"]) for d in records for m in d.messages]
+    roles = Counter(m["role"] for d in records for m in d.messages)
+    return [
+        f"dialogues: {len(records):,}",
+        f"turns per dialogue: {_summary([len(d.messages) for d in records])}",
+        f"characters per turn: {_summary(turn_chars, ('mean', 'max'))}",
+        "turns by role: " + ", ".join(f"{role} {count:,}" for role, count in sorted(roles.items())),
+    ]
+
+
+def _text_stats(records: list[TextRecord]) -> list[str]:
+    chars = [len(r.text) for r in records]
+    return [
+        f"documents: {len(records):,}",
+        f"characters: {sum(chars):,}",
+        f"characters per document: {_summary(chars)}",
+        f"with target: {sum(r.target is not None for r in records):,}",
+    ]
+
+
+def _render(record: Dialogue | TextRecord) -> str:
+    if isinstance(record, TextRecord):
+        pairs = [("text", record.text)] + ([("target", record.target)] if record.target is not None else [])
+    else:
+        pairs = [(m["role"], m["content"]) for m in record.messages]
+    return "\n".join(f"  {name}: {_clip(text)}" for name, text in pairs)
+
+
+def _clip(text: str) -> str:
+    if len(text) > SHOW_CHARS:
+        text = f"{text[:SHOW_CHARS]}… (+{len(text) - SHOW_CHARS:,} characters)"
+    return text.replace("\n", "\n    ")
+
+
+# ---------------------------------------------------------------- convert
+
+
+def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_reader_arguments(parser, DIALOGUE_CHOICES)
+    parser.add_argument("--to", required=True, choices=("eva", "conversation"), help="output format")
+    parser.add_argument("--out", required=True,
+                        help="output file, or directory for train/valid/test files with --split-ratio")
+    parser.add_argument("--split-ratio", type=_split_ratio, metavar="TRAIN,VALID,TEST",
+                        help="write train/valid/test files into --out, e.g. 0.9,0.05,0.05")
+    parser.add_argument("--seed", type=int, default=0, help="shuffle seed for --split-ratio (default: 0)")
+
+
+def run_convert(args) -> int:
+    result = _read(args)
+    notes: Counter = Counter()
+    encode = _eva_line if args.to == "eva" else _conversation_line
+    samples = [(dialogue_origin(d.source), line) for d in result.records if (line := encode(d, notes)) is not None]
+    print(f"read {len(result.records):,} dialogues ({result.format}) from {result.path}"
+          + (f"; skipped {result.skipped:,} invalid records" if args.skip_invalid else ""))
+    out = Path(args.out)
+    if args.split_ratio is None:
+        _write_lines(out, [line for _, line in samples])
+        print(f"wrote {len(samples):,} samples to {out}")
+    else:
+        if out.exists() and not out.is_dir():
+            raise HuayuError(f"--out {out} is a file; with --split-ratio it names a directory for train/valid/test")
+        suffix = ".txt" if args.to == "eva" else ".jsonl"
+        parts = _split(samples, args.split_ratio, args.seed)
+        for name, lines in parts.items():
+            _write_lines(out / f"{name}{suffix}", lines)
+        print(f"wrote to {out}: " + ", ".join(f"{name}{suffix} {len(lines):,}" for name, lines in parts.items()))
+    for note, count in notes.items():
+        if count or note == _REPLACED:
+            print(f"  {count:,} {note}")
+    return 0
+
+
+def _eva_line(dialogue: Dialogue, notes: Counter) -> str | None:
+    """One EVA sample: turns tab-joined, the last one the reply. EVA has no roles or system turns and
+    infers speakers by alternation, so system turns are dropped, consecutive turns of one speaker
+    merged and turns after the last assistant reply dropped -- each counted in `notes`."""
+    messages = [m for m in dialogue.messages if m["role"] != "system"]
+    notes["system turns dropped (EVA has no system turn)"] += len(dialogue.messages) - len(messages)
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    notes["user turns after the last reply dropped"] += len(messages) - 1 - last
+    turns: list[str] = []
+    for i, m in enumerate(messages[: last + 1]):
+        text = _LINE_BREAKS.sub(" ", m["content"])
+        notes[_REPLACED] += text != m["content"]
+        if i and m["role"] == messages[i - 1]["role"]:
+            turns[-1] += " " + text
+            notes["consecutive same-speaker turns merged"] += 1
+        else:
+            turns.append(text)
+    if len(turns) < 2:
+        notes["dialogues without context before the reply skipped"] += 1
+        return None
+    return "\t".join(turns)
+
+
+def _conversation_line(dialogue: Dialogue, notes: Counter) -> str:
+    return json.dumps({"messages": dialogue.messages}, ensure_ascii=False)
+
+
+def _split(samples: list[tuple[str, str]], ratio: tuple[float, float, float], seed: int) -> dict[str, list[str]]:
+    """A seeded shuffle of origins, cut by `ratio`. Samples expanded from one dialogue stay in one
+    split, so no test context was seen in training."""
+    groups: dict[str, list[str]] = {}
+    for origin, line in samples:
+        groups.setdefault(origin, []).append(line)
+    origins = list(groups)
+    random.Random(seed).shuffle(origins)
+    cut_train = round(len(origins) * ratio[0])
+    cut_valid = round(len(origins) * (ratio[0] + ratio[1]))
+    chosen = dict(zip(SPLITS, (origins[:cut_train], origins[cut_train:cut_valid], origins[cut_valid:])))
+    return {name: [line for origin in keys for line in groups[origin]] for name, keys in chosen.items()}
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    """Write through a temporary file and a rename, so an interrupted run never leaves a truncated
+    file that looks complete."""
+    if path.is_dir():
+        raise HuayuError(f"--out {path} is a directory; give a file name, or --split-ratio to write splits into it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.writelines(line + "\n" for line in lines)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

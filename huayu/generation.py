@@ -1,0 +1,148 @@
+"""Decoding for chat, eval and generate: transformers' `generate()` behind one small interface.
+
+Greedy, beam search and sampling (temperature, top-k, top-p), repetition penalty, max new tokens,
+stop at EOS, batched prompts with left padding, and token streaming.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+from huayu.config import field_doc
+from huayu.errors import HuayuError
+
+
+@dataclass
+class DecodingArgs:
+    max_new_tokens: int = field_doc("maximum tokens to generate", default=64)
+    do_sample: bool = field_doc("sample instead of greedy/beam search", default=False)
+    num_beams: int = field_doc("beam width (1: no beam search)", default=1)
+    temperature: float = field_doc("sampling temperature", default=1.0)
+    top_k: int = field_doc("sample from the k most likely tokens (0: off)", default=0)
+    top_p: float = field_doc("nucleus sampling mass (1.0: off)", default=1.0)
+    repetition_penalty: float = field_doc("penalty for repeating tokens (1.0: off)", default=1.0)
+    no_repeat_ngram_size: int = field_doc("forbid repeating n-grams of this size (0: off)", default=0)
+    length_penalty: float = field_doc("beam-search length penalty", default=1.0)
+
+
+# EVA's interactive scripts: eva_inference_interactive_beam.sh and ..._no_beam.sh
+EVA_BEAM = dict(do_sample=False, num_beams=4, length_penalty=1.6, repetition_penalty=1.6)
+EVA_SAMPLE = dict(do_sample=True, num_beams=1, temperature=0.7, top_k=0, top_p=0.9, repetition_penalty=1.6)
+
+
+def check_decoding(d: DecodingArgs) -> None:
+    """Reject out-of-range decoding options with a message naming the option."""
+    rules = [("max_new_tokens", d.max_new_tokens >= 1, "at least 1"),
+             ("num_beams", d.num_beams >= 1, "at least 1"),
+             ("temperature", d.temperature > 0, "positive"),
+             ("top_k", d.top_k >= 0, "0 or more"),
+             ("top_p", 0 < d.top_p <= 1, "in (0, 1]"),
+             ("repetition_penalty", d.repetition_penalty > 0, "positive"),
+             ("no_repeat_ngram_size", d.no_repeat_ngram_size >= 0, "0 or more")]
+    for name, ok, what in rules:
+        if not ok:
+            raise HuayuError(f"--{name.replace('_', '-')} must be {what}, got {getattr(d, name)}")
+
+
+class Generator:
+    """A model and its tokenizer, ready to decode."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_positions = getattr(model.config, "max_position_embeddings", None) or getattr(
+            model.config, "n_positions", 1024)
+        eos = {tokenizer.eos_token_id} | set(_as_list(model.generation_config.eos_token_id))
+        self.eos_ids = sorted(i for i in eos if i is not None)
+
+    @classmethod
+    def load(cls, path: str, dtype=None) -> "Generator":
+        from huayu.data.chat import ensure_chat_template
+        from huayu.models.loading import load_model, load_tokenizer
+
+        tokenizer = load_tokenizer(path)
+        ensure_chat_template(tokenizer)
+        model = load_model(path, tokenizer, dtype=dtype)
+        if not model.can_generate():
+            raise HuayuError(f"the model at '{path}' cannot generate text")
+        return cls(model, tokenizer)
+
+    def _config(self, d: DecodingArgs):
+        from transformers import GenerationConfig
+
+        check_decoding(d)
+        kwargs = dataclasses.asdict(d)
+        if not d.do_sample:  # sampling knobs are meaningless (and warned about) without sampling
+            for key in ("temperature", "top_k", "top_p"):
+                kwargs.pop(key)
+        elif d.top_k == 0:
+            kwargs["top_k"] = None
+        return GenerationConfig(**kwargs, eos_token_id=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id)
+
+    def _budget(self, prompt: list[int], d: DecodingArgs) -> list[int]:
+        """Keep the newest tokens of `prompt` so that prompt + new tokens fit the context."""
+        room = self.max_positions - d.max_new_tokens
+        if room < 1:
+            raise HuayuError(f"--max-new-tokens {d.max_new_tokens} leaves no room for the prompt in the "
+                             f"model's context of {self.max_positions} tokens")
+        return prompt[-room:]
+
+    def _inputs(self, prompts: list[list[int]], d: DecodingArgs) -> dict:
+        import torch
+
+        prompts = [self._budget(p, d) for p in prompts]
+        width = max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def generate_ids(self, prompts: list[list[int]], d: DecodingArgs) -> list[str]:
+        """Decode a batch of token-id prompts (left-padded); return the new text of each."""
+        import torch
+
+        inputs = self._inputs(prompts, d)
+        with torch.no_grad():
+            out = self.model.generate(**inputs, generation_config=self._config(d))
+        new = out[:, inputs["input_ids"].shape[1]:]
+        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+    def stream_ids(self, prompt: list[int], d: DecodingArgs) -> Iterator[str]:
+        """Yield text pieces of one prompt's continuation as they are generated.
+
+        Beam search only knows its best sequence at the end, so it yields the whole reply at once.
+        """
+        import torch
+        from transformers import TextIteratorStreamer
+
+        if d.num_beams > 1:
+            yield self.generate_ids([prompt], d)[0]
+            return
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = dict(**self._inputs([prompt], d), generation_config=self._config(d), streamer=streamer)
+
+        def work():
+            with torch.no_grad():
+                self.model.generate(**kwargs)
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        yield from streamer
+        thread.join()
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode_chat(self, messages: list[dict], max_source_length: int | None = None) -> list[int]:
+        """The prompt ids for the assistant's next turn after `messages`."""
+        from huayu.data.chat import encode_prompt
+
+        return encode_prompt(self.tokenizer, messages, max_source_length or self.max_positions)
+
+
+def _as_list(x) -> list:
+    if x is None:
+        return []
+    return list(x) if isinstance(x, (list, tuple)) else [x]

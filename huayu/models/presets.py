@@ -1,0 +1,49 @@
+"""Named model sizes. A preset is a transformers config built for a given tokenizer's vocabulary.
+
+The `tiny`/`small`/`base` presets are Llama-style decoders (RoPE, RMSNorm, SwiGLU) sized for CPU
+work; the `gpt3-*` presets reproduce the Chinese GPT-3 seed's size table as GPT-2-architecture
+configs (GPT-3 is GPT-2's block with more layers), with the seed's learning rate as a hint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Preset:
+    arch: str          # "llama" or "gpt2"
+    layers: int
+    heads: int
+    hidden: int
+    intermediate: int  # MLP width (llama); gpt2 uses 4 * hidden
+    max_positions: int
+    lr: float          # suggested peak learning rate
+    note: str
+
+
+DECODER_PRESETS: dict[str, Preset] = {
+    "tiny": Preset("llama", 4, 4, 128, 352, 1024, 1e-3, "~1-3M parameters: tests and laptop demos"),
+    "small": Preset("llama", 10, 4, 256, 704, 1024, 6e-4, "~10M parameters: CPU pre-training"),
+    "base": Preset("llama", 12, 12, 768, 2048, 2048, 3e-4, "~100M parameters"),
+    "gpt3-base": Preset("gpt2", 12, 12, 768, 3072, 2048, 6.0e-4, "Chinese GPT-3 base (seed table)"),
+    "gpt3-large": Preset("gpt2", 24, 16, 1024, 4096, 2048, 3.0e-4, "Chinese GPT-3 large"),
+    "gpt3-1.3b": Preset("gpt2", 24, 32, 2048, 8192, 2048, 2.0e-4, "Chinese GPT-3 1.3B"),
+    "gpt3-2.7b": Preset("gpt2", 32, 32, 2560, 10240, 2048, 1.6e-4, "Chinese GPT-3 2.7B"),
+    "gpt3-13b": Preset("gpt2", 40, 40, 5120, 20480, 2048, 1.0e-4, "Chinese GPT-3 13B"),
+}
+
+
+def decoder_config(name: str, vocab_size: int, special_ids: dict[str, int | None]):
+    """The transformers config of preset `name` for a vocabulary of `vocab_size` tokens."""
+    from transformers import GPT2Config, LlamaConfig
+
+    p = DECODER_PRESETS[name]
+    if p.arch == "llama":
+        return LlamaConfig(
+            vocab_size=vocab_size, hidden_size=p.hidden, intermediate_size=p.intermediate,
+            num_hidden_layers=p.layers, num_attention_heads=p.heads, num_key_value_heads=p.heads,
+            max_position_embeddings=p.max_positions, tie_word_embeddings=True, **special_ids)
+    return GPT2Config(
+        vocab_size=vocab_size, n_embd=p.hidden, n_layer=p.layers, n_head=p.heads,
+        n_positions=p.max_positions, n_inner=p.intermediate, tie_word_embeddings=True, **special_ids)

@@ -1,0 +1,244 @@
+"""The one training loop every stage and family uses.
+
+A stage supplies the model, a list of examples, a collate function and the resolved config; the loop
+owns the optimiser, schedule, logging, checkpoints and exact resume. The data order of epoch e is a
+permutation seeded by (seed, e), so a run resumed at optimiser step k sees exactly the batches an
+uninterrupted run would have seen from step k on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from huayu.config import field_doc, save_config
+from huayu.train.schedules import SCHEDULES, lr_multiplier
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass
+class TrainArgs:
+    epochs: float = field_doc("passes over the training data (fractions allowed)", default=1.0)
+    max_steps: int = field_doc("stop after this many optimiser steps (0: from epochs)", default=0)
+    batch_size: int = field_doc("examples per micro-batch", default=8)
+    grad_accum: int = field_doc("micro-batches per optimiser step", default=1)
+    lr: float = field_doc("peak learning rate", default=3e-4)
+    min_lr: float = field_doc("learning rate at the end of cosine/linear decay", default=0.0)
+    schedule: str = field_doc(f"learning-rate schedule: {'|'.join(SCHEDULES)}", default="cosine")
+    warmup_steps: int = field_doc("linear warm-up steps", default=0)
+    weight_decay: float = field_doc("AdamW weight decay", default=0.01)
+    max_grad_norm: float = field_doc("gradient clipping norm (0: off)", default=1.0)
+    seed: int = field_doc("seed for initialisation, data order and dropout", default=42)
+    bf16: bool = field_doc("bf16 autocast (fast on CPUs with AVX-512 bf16; never fp16 on CPU)", default=False)
+    log_every: int = field_doc("optimiser steps between log lines", default=10)
+    eval_every: int = field_doc("optimiser steps between validation runs (0: at the end)", default=0)
+    save_every: int = field_doc("optimiser steps between checkpoints (0: at the end only)", default=0)
+    keep_checkpoints: int = field_doc("how many step-N checkpoints to keep", default=2)
+    resume: bool = field_doc("continue from the last checkpoint in the output directory", default=False)
+
+
+def latest_checkpoint(out: str | Path) -> Path | None:
+    """The newest complete `out/checkpoints/step-N` directory, or None."""
+    root = Path(out) / CHECKPOINTS
+    steps = sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if root.is_dir() else []
+    steps = [p for p in steps if (p / STATE_FILE).exists()]
+    return steps[-1] if steps else None
+
+
+def _batches(n_examples: int, args: TrainArgs, start_micro: int):
+    """Yield (micro-batch index, example indices) from `start_micro` on, forever."""
+    per_epoch = math.ceil(n_examples / args.batch_size)
+    micro = start_micro
+    while True:
+        epoch, i = divmod(micro, per_epoch)
+        gen = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
+        order = torch.randperm(n_examples, generator=gen)
+        for j in range(i, per_epoch):
+            yield micro, order[j * args.batch_size:(j + 1) * args.batch_size].tolist()
+            micro += 1
+
+
+def total_steps(n_examples: int, args: TrainArgs) -> int:
+    if args.max_steps > 0:
+        return args.max_steps
+    per_epoch = math.ceil(n_examples / args.batch_size)
+    return max(1, math.ceil(args.epochs * per_epoch / args.grad_accum))
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples, collate, batch_size: int = 8, bf16: bool = False) -> float:
+    """Token-weighted mean loss of `model` over `examples`."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start:start + batch_size])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**batch).loss.float().item()
+        n = int((batch["labels"][..., 1:] != -100).sum())
+        total, count = total + loss * n, count + n
+    model.train()
+    return total / max(count, 1)
+
+
+class _Log:
+    """TensorBoard scalars plus an append-only `log.jsonl` the loss curve is drawn from."""
+
+    def __init__(self, out: Path, resume_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = out / "log.jsonl"
+        rows = self.rows() if resume_step else []
+        kept = [r for r in rows if r["step"] <= resume_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        self.tb = SummaryWriter(str(out / "runs"), purge_step=resume_step + 1 if resume_step else None)
+
+    def rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line]
+
+    def write(self, step: int, **values) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        for key, value in values.items():
+            self.tb.add_scalar(key.replace("_", "/", 1), value, step)
+
+    def plot(self, png: Path) -> None:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = self.rows()
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for key, label in (("train_loss", "train"), ("eval_loss", "validation")):
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            if pts:
+                ax.plot(*zip(*pts), label=label, marker="o" if key == "eval_loss" else None)
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(png, dpi=100)
+        plt.close(fig)
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def _save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler, cfg, keep: int):
+    """Write `out/checkpoints/step-N` atomically: build it under a temp name, then rename."""
+    root = out / CHECKPOINTS
+    final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    save_config(cfg, tmp / "config.yaml")
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": _rng_state()}, tmp / STATE_FILE)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep or None]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_final(out: Path, model, tokenizer) -> None:
+    """Save the final model into `out/`, each file moved into place atomically."""
+    tmp = out / ".tmp-final"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    for f in tmp.iterdir():
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+
+
+def _make_optimizer(model, args: TrainArgs):
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
+
+
+def fit(model, tokenizer, examples: list, collate, args: TrainArgs, out: str | Path, cfg,
+        eval_examples: list | None = None, resume_from: Path | None = None) -> dict:
+    """Train `model` on `examples`; return the final metrics (train_loss, eval_loss, steps, ...)."""
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    steps = total_steps(len(examples), args)
+    optimizer = _make_optimizer(model, args)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_multiplier(args.schedule, s, steps, args.warmup_steps, args.min_lr / args.lr))
+    start = 0
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    if resume_from is not None:
+        state = torch.load(resume_from / STATE_FILE, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        start = state["step"]
+        print(f"resuming from {resume_from} (step {start} of {steps})")
+    log = _Log(out, start)
+    model.train()
+    bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    batches = _batches(len(examples), args, start * args.grad_accum)
+    window_loss, window_steps, window_tokens, t0 = 0.0, 0, 0, time.perf_counter()
+    last_loss, eval_loss = float("nan"), None
+    for step in range(start + 1, steps + 1):
+        step_loss = 0.0
+        for _ in range(args.grad_accum):
+            _, idx = next(batches)
+            batch = collate([examples[i] for i in idx])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                loss = model(**batch).loss
+            (loss / args.grad_accum).backward()
+            step_loss += loss.item() / args.grad_accum
+            window_tokens += int(batch["attention_mask"].sum())
+        if args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        last_loss = step_loss
+        window_loss, window_steps = window_loss + step_loss, window_steps + 1
+        lr = scheduler.get_last_lr()[0]
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+        if step % args.log_every == 0 or step == steps:
+            elapsed = time.perf_counter() - t0
+            tok_s = window_tokens / elapsed
+            log.write(step, train_loss=window_loss / window_steps, train_lr=lr, train_tokens_per_s=tok_s)
+            bar.set_postfix(loss=f"{window_loss / window_steps:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+            window_loss, window_steps, window_tokens, t0 = 0.0, 0, 0, time.perf_counter()
+        if eval_examples and ((args.eval_every and step % args.eval_every == 0) or step == steps):
+            eval_loss = evaluate_loss(model, eval_examples, collate, args.batch_size, args.bf16)
+            log.write(step, eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
+            tqdm.write(f"step {step}: eval_loss {eval_loss:.4f} ppl {math.exp(min(eval_loss, 50)):.2f}")
+        if (args.save_every and step % args.save_every == 0) or step == steps:
+            _save_checkpoint(out, step, model, tokenizer, optimizer, scheduler, cfg, args.keep_checkpoints)
+    bar.close()
+    _save_final(out, model, tokenizer)
+    log.plot(out / "loss_curve.png")
+    log.tb.close()
+    result = {"steps": steps, "train_loss": last_loss}
+    if eval_loss is not None:
+        result.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
+    (out / "train_result.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    print(json.dumps(result))
+    return result

@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny char tokenizer and tiny corpora written by the tests themselves."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DIALOGUES = [
+    ["你好", "你好，很高兴认识你。"],
+    ["你是谁？", "我是一个小小的聊天模型。", "你会做什么？", "我会陪你聊天。"],
+    ["今天天气怎么样？", "今天天气很好，适合出去走走。"],
+    ["我有点累了", "那就好好休息一下吧。", "谢谢你", "不客气。"],
+    ["你喜欢什么？", "我喜欢读书和听音乐。"],
+    ["晚安", "晚安，做个好梦。"],
+]
+TEXTS = ["春天来了，花都开了。", "我们一起去公园散步吧。", "学习使人进步，读书让人快乐。"]
+
+
+def write_conversations(path, dialogues=DIALOGUES) -> str:
+    roles = ("user", "assistant")
+    with open(path, "w", encoding="utf-8") as f:
+        for turns in dialogues:
+            msgs = [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)]
+            f.write(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n")
+    return str(path)
+
+
+def write_texts(path, texts=TEXTS * 20) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(texts) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    from huayu.tokenizer import train_tokenizer
+
+    texts = TEXTS + [t for d in DIALOGUES for t in d]
+    path = tmp_path_factory.mktemp("tok")
+    train_tokenizer(texts, kind="char", vocab_size=400).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A tiny preset model saved like a downloaded checkpoint (config.json + safetensors + tokenizer)."""
+    from huayu.models.loading import load_model
+
+    path = tmp_path_factory.mktemp("model")
+    model = load_model("tiny", tokenizer, seed=0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
