@@ -88,7 +88,8 @@ def run_demo(cfg: DemoConfig) -> None:
            "--max-target-length", "64", "--out", str(out / "sft"))
     _huayu("eval", str(out / "sft"), "--data", str(data / "test.jsonl"), "--out", str(out / "eval"),
            "--max-new-tokens", "48")
-    print(f"\n$ printf '{'\\n'.join(GREETINGS)}\\n' | huayu chat {out / 'sft'} --beam")
+    typed = "\\n".join(GREETINGS)
+    print(f"\n$ printf '{typed}\\n' | huayu chat {out / 'sft'} --beam")
     replies = subprocess.run([sys.executable, "-m", "huayu.cli", "chat", str(out / "sft"), "--beam",
                               "--max-new-tokens", "48"], input="\n".join(GREETINGS) + "\n",
                              capture_output=True, text=True, check=True).stdout.splitlines()

@@ -123,14 +123,22 @@ class Generator:
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = dict(**self._inputs([prompt], d), generation_config=self._config(d), streamer=streamer)
 
+        failure: list[BaseException] = []
+
         def work():
-            with torch.no_grad():
-                self.model.generate(**kwargs)
+            try:
+                with torch.no_grad():
+                    self.model.generate(**kwargs)
+            except BaseException as exc:  # surface it in the caller instead of hanging the stream
+                failure.append(exc)
+                streamer.end()
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
         yield from streamer
         thread.join()
+        if failure:
+            raise failure[0]
 
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

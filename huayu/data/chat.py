@@ -21,6 +21,7 @@ class Segment:
     ids: list[int]
     message: int          # index of the message this segment belongs to
     is_target: bool       # an assistant body
+    role: str = ""
 
 
 def ensure_chat_template(tokenizer) -> None:
@@ -58,19 +59,19 @@ def segment_texts(tokenizer, messages: list[dict]) -> list[tuple[str, int, bool]
 def segments(tokenizer, messages: list[dict]) -> list[Segment]:
     pieces = segment_texts(tokenizer, messages)
     ids = tokenizer([p[0] for p in pieces], add_special_tokens=False)["input_ids"] if pieces else []
-    return [Segment(i, m, t) for i, (_, m, t) in zip(ids, pieces)]
+    return [Segment(i, m, t, messages[m]["role"]) for i, (_, m, t) in zip(ids, pieces)]
 
 
 def _truncate_source(segs: list[Segment], max_len: int) -> list[Segment]:
-    """Drop the oldest messages (keeping a leading system message) until the source fits; if the
-    newest message alone is still too long, keep its last `max_len` tokens."""
+    """Drop the oldest messages until the source fits, never a leading system message nor the
+    newest user message (and what follows it); if that is still too long, keep its newest tokens."""
     def size(ss):
         return sum(len(s.ids) for s in ss)
 
-    keep_first = bool(segs) and segs[0].message == 0 and len({s.message for s in segs}) > 1
+    users = [s.message for s in segs if s.role == "user"]
+    newest = users[-1] if users else (segs[-1].message if segs else 0)
     while size(segs) > max_len:
-        messages = sorted({s.message for s in segs})
-        droppable = messages[1:-1] if keep_first else messages[:-1]
+        droppable = [s.message for s in segs if s.message < newest and s.role != "system"]
         if not droppable:
             break
         segs = [s for s in segs if s.message != droppable[0]]
@@ -79,7 +80,8 @@ def _truncate_source(segs: list[Segment], max_len: int) -> list[Segment]:
         if len(segs[0].ids) <= overflow:
             segs = segs[1:]
         else:
-            segs = [Segment(segs[0].ids[overflow:], segs[0].message, segs[0].is_target)] + segs[1:]
+            head = segs[0]
+            segs = [Segment(head.ids[overflow:], head.message, head.is_target, head.role)] + segs[1:]
     return segs
 
 
@@ -113,5 +115,5 @@ def encode_prompt(tokenizer, context: list[dict], max_source_length: int) -> lis
     segs = segments(tokenizer, context)
     header = _render(tokenizer, context, generation_prompt=True)[len(_render(tokenizer, context)):]
     header_ids = tokenizer(header, add_special_tokens=False)["input_ids"] if header else []
-    segs = _truncate_source(segs + [Segment(header_ids, len(context), False)], max_source_length)
+    segs = _truncate_source(segs + [Segment(header_ids, len(context), False, "assistant")], max_source_length)
     return [t for s in segs for t in s.ids]

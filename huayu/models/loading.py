@@ -30,6 +30,8 @@ def load_tokenizer(model: str, tokenizer: str | None = None):
         tok = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as exc:
         raise HuayuError(f"cannot load a tokenizer from '{source}': {exc}") from None
+    if tok.eos_token is None and tok.sep_token is not None:  # BERT-vocab Chinese GPT-2 checkpoints
+        tok.eos_token = tok.sep_token
     if tok.pad_token is None:  # e.g. GPT-2: pad with eos; padded positions never carry loss
         tok.pad_token = tok.eos_token
     return tok
@@ -38,7 +40,9 @@ def load_tokenizer(model: str, tokenizer: str | None = None):
 def load_model(spec: str, tokenizer, dtype=None, seed: int = 0):
     """A model from a local HF directory, or a freshly initialised preset sized to `tokenizer`."""
     import torch
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # per-shard bars for tiny models are noise in huayu's output
     if _is_model_dir(spec):
         from transformers import AutoConfig
 

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,7 +197,8 @@ def fit(model, tokenizer, examples: list, collate, args: TrainArgs, out: str | P
         print(f"resuming from {resume_from} (step {start} of {steps})")
     log = _Log(out, start)
     model.train()
-    bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+               mininterval=0.2 if sys.stderr.isatty() else 10)
     batches = _batches(len(examples), args, start * args.grad_accum)
     window_loss, window_steps, window_tokens, t0 = 0.0, 0, 0, time.perf_counter()
     last_loss, eval_loss = float("nan"), None
@@ -224,7 +226,8 @@ def fit(model, tokenizer, examples: list, collate, args: TrainArgs, out: str | P
             elapsed = time.perf_counter() - t0
             tok_s = window_tokens / elapsed
             log.write(step, train_loss=window_loss / window_steps, train_lr=lr, train_tokens_per_s=tok_s)
-            bar.set_postfix(loss=f"{window_loss / window_steps:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+            tqdm.write(f"step {step}/{steps}: loss {window_loss / window_steps:.4f}  lr {lr:.2e}  "
+                       f"{tok_s:,.0f} tokens/s")
             window_loss, window_steps, window_tokens, t0 = 0.0, 0, 0, time.perf_counter()
         if eval_examples and ((args.eval_every and step % args.eval_every == 0) or step == steps):
             eval_loss = evaluate_loss(model, eval_examples, collate, args.batch_size, args.bf16)
