@@ -101,7 +101,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
         help_text = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        help_text = f"{help_text} (default: {default!r})"
+        if "(default" not in help_text:
+            help_text = f"{help_text} (default: {default!r})"
         if f.metadata.get("positional"):
             parser.add_argument(name, nargs="?", default=argparse.SUPPRESS, help=help_text)
             continue
@@ -112,9 +113,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
         elif "_" in name:
             flags += [f"--{name.replace('_', '-')}"]
         flags = list(dict.fromkeys(flags))
-        kwargs: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=help_text)
+        kwargs: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=help_text,
+                                      metavar=short.upper())
         if _base_type(tp) is bool:
             kwargs.update(nargs="?", const=True, type=_str2bool, metavar="BOOL")
+        elif typing.get_origin(_base_type(tp)) is list:
+            kwargs.update(nargs="+")
         parser.add_argument(*flags, **kwargs)
 
 

@@ -26,8 +26,8 @@ class DemoConfig:
     out: str = field_doc("working directory (replaced if it exists)", default="out/demo")
     corpus: str | None = field_doc("directory of chatterbot-style YAML files (default: chatterbot-corpus's Chinese)",
                                    default=None)
-    pretrain_steps: int = field_doc("pre-training steps", default=600)
-    sft_epochs: float = field_doc("fine-tuning epochs", default=30.0)
+    pretrain_steps: int = field_doc("pre-training steps", default=200)
+    sft_epochs: float = field_doc("fine-tuning epochs", default=6.0)
     test_every: int = field_doc("hold out every N-th conversation for evaluation", default=10)
 
 

@@ -52,3 +52,8 @@ def test_saved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     again = build_config(Cfg, yaml.safe_load((tmp_path / "config.yaml").read_text(encoding="utf-8")))
     assert again == cfg
+
+
+def test_list_flags_take_several_values():
+    cfg = parse(["--names", "a.txt", "b.txt"])
+    assert cfg.names == ["a.txt", "b.txt"]

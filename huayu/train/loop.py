@@ -195,6 +195,9 @@ def fit(model, tokenizer, examples: list, collate, args: TrainArgs, out: str | P
         random.setstate(state["rng"]["python"])
         start = state["step"]
         print(f"resuming from {resume_from} (step {start} of {steps})")
+        if start >= steps and (out / "train_result.json").exists():
+            print("that run had already finished")
+            return json.loads((out / "train_result.json").read_text(encoding="utf-8"))
     log = _Log(out, start)
     model.train()
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
@@ -221,7 +224,8 @@ def fit(model, tokenizer, examples: list, collate, args: TrainArgs, out: str | P
         window_loss, window_steps = window_loss + step_loss, window_steps + 1
         lr = scheduler.get_last_lr()[0]
         bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}",
+                        tok_s=f"{window_tokens / (time.perf_counter() - t0):,.0f}", refresh=False)
         if step % args.log_every == 0 or step == steps:
             elapsed = time.perf_counter() - t0
             tok_s = window_tokens / elapsed

@@ -22,13 +22,17 @@ class PretrainConfig(StageConfig):
 
 
 def build_examples(cfg: PretrainConfig, tokenizer):
+    from tqdm.auto import tqdm
+
     from huayu.data.packing import pack, tokenize_records
     from huayu.data.sources import read_text_files
 
     def blocks(paths):
         records = read_text_files(paths, cfg.text_field, cfg.target_field, cfg.skip_invalid)
         with_target = sum(r.target is not None for r in records)
-        examples = pack(tokenize_records(tokenizer, records), cfg.seq_len)
+        pairs = tqdm(tokenize_records(tokenizer, records), total=len(records), desc="tokenize", unit="doc",
+                     leave=False)
+        examples = pack(pairs, cfg.seq_len)
         print(f"{', '.join(paths)}: {len(records):,} records ({with_target:,} input->output) -> "
               f"{len(examples):,} blocks of {cfg.seq_len} tokens")
         return examples
