@@ -24,6 +24,7 @@ import contextlib
 import gzip
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -179,7 +180,8 @@ def run_rounds(args, tmp: Path, config, texts: list[str], tokenizer, share: floa
         peak = max(peak, matmul_peak(torch.bfloat16 if args.bf16 else torch.float32))
         for name in list(sides)[::-1 if r % 2 else 1]:
             results[name].append(sides[name](tmp / f"{name.split()[0]}-{r}"))
-            print(f"round {r + 1}: {name:<15}{results[name][-1][0]:>8,.0f} tokens/s", flush=True)
+            print(f"round {r + 1}: {name:<15}{results[name][-1][0]:>8,.0f} tokens/s   "
+                  f"(1-min load average after: {os.getloadavg()[0]:.1f})", flush=True)
     return results, peak
 
 

@@ -31,6 +31,10 @@ def build_examples(cfg: SftConfig, tokenizer):
 
     def encode(paths, split):
         dialogues = read_dialogue_files(paths, cfg.dialogue, cfg.skip_invalid, split)
+        trailing = sum(x.messages[-1]["role"] != "assistant" for x in dialogues)
+        if trailing:
+            print(f"{trailing} {split} dialogues end with turns after the last assistant reply; those "
+                  "turns have no reply to learn and are not used")
         d = cfg.dialogue
         return [encode_dialogue(tokenizer, x.messages, d.max_source_length, d.max_target_length, cfg.loss_on)
                 for x in tqdm(dialogues, desc=f"encode {split}", unit="dlg", leave=False)]
