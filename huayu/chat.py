@@ -19,7 +19,9 @@ def _chat_decoding() -> DecodingArgs:
 
 @dataclass
 class ChatConfig:
-    model: str = field_doc("model directory", positional=True, default=None)
+    model: str = field_doc("model directory (or a LoRA/prefix adapter directory whose base is known)",
+                           positional=True, default=None)
+    adapter: str | None = field_doc("LoRA or prefix adapter directory applied on top of MODEL", default=None)
     decoding: DecodingArgs = field_doc("decoding", default_factory=_chat_decoding)
     beam: bool = field_doc("use EVA's beam-search preset (4 beams, length and repetition penalty 1.6)",
                            default=False)
@@ -77,7 +79,7 @@ def run(args) -> int:
     cfg = config_from_args(ChatConfig, args)
     if not cfg.model:
         raise HuayuError("pass a model directory: huayu chat MODEL")
-    session = ChatSession(Generator.load(cfg.model), cfg)
+    session = ChatSession(Generator.load(cfg.model, adapter=cfg.adapter), cfg)
     interactive = sys.stdin.isatty()
     if interactive:
         print("输入 clear 开始新对话，seed N 设置随机种子，stop 或 exit 退出。")

@@ -58,13 +58,14 @@ class Generator:
         self.eos_ids = sorted(i for i in eos if i is not None)
 
     @classmethod
-    def load(cls, path: str, dtype=None) -> "Generator":
+    def load(cls, path: str, dtype=None, adapter: str | None = None) -> "Generator":
+        """The model at `path` (a model directory, or an adapter directory whose base is known),
+        with `adapter` (LoRA or prefix) applied when given."""
         from huayu.data.chat import ensure_chat_template
-        from huayu.models.loading import load_model, load_tokenizer
+        from huayu.models.loading import load_for_inference
 
-        tokenizer = load_tokenizer(path)
+        tokenizer, model = load_for_inference(path, adapter, dtype=dtype)
         ensure_chat_template(tokenizer)
-        model = load_model(path, tokenizer, dtype=dtype)
         if not model.can_generate():
             raise HuayuError(f"the model at '{path}' cannot generate text")
         return cls(model, tokenizer)

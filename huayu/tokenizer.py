@@ -23,6 +23,7 @@ import yaml
 from tqdm import tqdm
 
 from huayu.config import ConfigError
+from huayu.data.commands import parse_role_map
 from huayu.data.formats import DIALOGUE_FORMATS, detect_format, dialogue_texts, read_dialogues, read_texts
 from huayu.data.templates import (ASSISTANT, BOS, DEFAULT_CHAT_TEMPLATE, EOS, PAD, SEP, SPECIAL_TOKENS,
                                   SYSTEM, UNK, USER)
@@ -118,13 +119,13 @@ def _wrap(backend, model_max_length: int) -> PreTrainedTokenizerFast:
     )
 
 
-def iter_corpus_texts(paths: list[str], text_field: str | None = None,
-                      skip_invalid: bool = False) -> Iterator[str]:
+def iter_corpus_texts(paths: list[str], text_field: str | None = None, skip_invalid: bool = False,
+                      role_map: dict[str, str] | None = None) -> Iterator[str]:
     """Yield every text a tokenizer should see: each message of a dialogue file, else each text and
     target of a corpus file."""
     for path in paths:
         if _is_dialogue(Path(path)):
-            result = read_dialogues(path, skip_invalid=skip_invalid)
+            result = read_dialogues(path, role_map=role_map, skip_invalid=skip_invalid)
         else:
             result = read_texts(path, text_field=text_field, skip_invalid=skip_invalid)
         if result.skipped:
@@ -181,13 +182,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="char: minimum count of a kept character; bpe: minimum count of a merge")
     parser.add_argument("--text-field", help="JSON field holding the text (default: auto-detect)")
     parser.add_argument("--max-length", type=int, default=1024, help="model_max_length saved with the tokenizer")
+    parser.add_argument("--role-map", type=parse_role_map, default=None, metavar="SRC=ROLE,...",
+                        help="map dialogue roles, e.g. client=user,counselor=assistant")
     parser.add_argument("--skip-invalid", action="store_true", help="skip malformed records instead of failing")
     parser.add_argument("--out", required=True, help="output directory (replaced only after success)")
 
 
 def run_train(args: argparse.Namespace) -> int:
     stats = _CorpusStats()
-    texts = iter_corpus_texts(args.data, text_field=args.text_field, skip_invalid=args.skip_invalid)
+    texts = iter_corpus_texts(args.data, text_field=args.text_field, skip_invalid=args.skip_invalid,
+                              role_map=args.role_map)
     progress = tqdm(stats.track(texts), desc="reading texts", unit=" texts", disable=None)
     tokenizer = train_tokenizer(progress, kind=args.kind, vocab_size=args.vocab_size,
                                 min_frequency=args.min_frequency, model_max_length=args.max_length)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["HUAYU_CACHE"] = tempfile.mkdtemp(prefix="huayu-test-cache-")  # never the user's cache
 
 DIALOGUES = [
     ["你好", "你好，很高兴认识你。"],

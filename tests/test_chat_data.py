@@ -85,3 +85,10 @@ def test_foreign_template_is_used_as_is(tokenizer):
     assert learned(tok, ex).endswith("好的</s>")
     # "[" and "]" are not in the fixture vocabulary: "[user]" is 6 <unk>, "[assistant]" 11
     assert tok.decode(ex.input_ids).replace("<unk>", "?") == "??????你好</s>???????????好的</s>"
+
+
+def test_max_length_cuts_the_context_to_fit_beside_the_reply(tokenizer):
+    ex = encode_dialogue(tokenizer, DIALOGUE, 100, 100, max_length=8)
+    # the reply "拜拜</s>" is 3 tokens, leaving 5 for the context: "<|user|>再见</s>" + "<|assistant|>"
+    assert tokenizer.decode(ex.input_ids) == "<|user|>再见</s><|assistant|>拜拜</s>"
+    assert ex.full_length == 16 and len(ex.input_ids) == 8

@@ -1,4 +1,5 @@
-"""Dialogue metrics against hand-computed values (arithmetic in the comments), EVA differences, CLI."""
+"""Dialogue metrics against hand-computed values (arithmetic in the comments): EVA's conventions
+and their --eva-compat differences, ChatGLM's ADGEN conventions, and the CLI."""
 
 import json
 import math
@@ -8,6 +9,7 @@ import pytest
 
 from huayu.cli import main
 from huayu.evaluation.metrics import (
+    adgen_metrics,
     bleu4,
     char_tokens,
     dialogue_metrics,
@@ -22,6 +24,10 @@ REFS = ["我爱你", "哈哈"]
 CLEAN = {"bleu4": 28.4055, "dist1": 66.6667, "dist2": 75.0, "dist3": 100.0, "dist4": 0.0,
          "f1": 90.0, "rouge_l": 56.6667}
 EVA = {**CLEAN, "dist1": 75.0, "dist2": 100.0, "dist3": 0.0, "rouge_l": 58.1633}
+# The ADGEN worked example of docs/metrics.md.
+ADGEN_HYPS = ["这件连衣裙很漂亮", "我爱北京"]
+ADGEN_REFS = ["这件裙子很漂亮", "我爱北京天安门"]
+ADGEN = {"rouge-1": 76.1905, "rouge-2": 40.0, "rouge-l": 76.1905, "bleu-4": 37.1454}
 
 
 def test_char_tokens_drops_whitespace():
@@ -184,6 +190,95 @@ def test_pairs_are_checked(fn):
         fn([], [])
 
 
+# --- ChatGLM / ADGEN (ptuning/main.py compute_metrics) --------------------------------------
+
+def test_adgen_segments_with_jieba():
+    import jieba
+
+    # The words the ROUGE arithmetic below relies on (jieba's default dictionary).
+    assert list(jieba.cut("这件连衣裙很漂亮")) == ["这件", "连衣裙", "很漂亮"]
+    assert list(jieba.cut("这件裙子很漂亮")) == ["这件", "裙子", "很漂亮"]
+    assert list(jieba.cut("我爱北京")) == ["我", "爱", "北京"]
+    assert list(jieba.cut("我爱北京天安门")) == ["我", "爱", "北京", "天安门"]
+
+
+def test_adgen_rouge_on_words_bleu_on_characters():
+    # ROUGE, words 这件 连衣裙 很漂亮 vs 这件 裙子 很漂亮: 1-grams overlap 2, P = R = 2/3, F = 2/3;
+    # 2-grams (这件,连衣裙) (连衣裙,很漂亮) vs (这件,裙子) (裙子,很漂亮): none; LCS 2, F = 2/3.
+    # BLEU on characters, 8 vs 7: p1 = 6/8 (这件裙很漂亮), p2 = 3/7 (这件 很漂 漂亮), p3 = 1/6 (很漂亮),
+    # p4 = 0/5 -> method3 1/(2*5). c = 8 > r = 7: BP = 1. BLEU = (3/4 * 3/7 * 1/6 * 1/10) ** (1/4).
+    assert adgen_metrics(ADGEN_HYPS[:1], ADGEN_REFS[:1]) == {
+        "rouge-1": 66.6667, "rouge-2": 0.0, "rouge-l": 66.6667,
+        "bleu-4": round(100 * (3 / 560) ** 0.25, 4)}  # 27.0541
+    # ROUGE, 我 爱 北京 vs 我 爱 北京 天安门: 1-grams P = 1, R = 3/4, F = 6/7; 2-grams P = 2/2,
+    # R = 2/3, F = 4/5; LCS 3, F = 6/7. BLEU: every n-gram of 我爱北京 matches (p_n = 1) but
+    # c = 4 < r = 7: BLEU = BP = exp(1 - 7/4).
+    assert adgen_metrics(ADGEN_HYPS[1:], ADGEN_REFS[1:]) == {
+        "rouge-1": 85.7143, "rouge-2": 80.0, "rouge-l": 85.7143, "bleu-4": round(100 * math.exp(-0.75), 4)}
+
+
+def test_adgen_averages_sample_scores():
+    # Means of the two samples above: (66.6667 + 85.7143)/2, (0 + 80)/2, (27.0541 + 47.2367)/2.
+    assert adgen_metrics(ADGEN_HYPS, ADGEN_REFS) == ADGEN
+
+
+def test_adgen_sentence_bleu_is_not_100_for_short_identical_texts():
+    # 你好 vs 你好: p1 = p2 = 1, no 3- or 4-grams: 0/1 -> 1/2 and 1/4 (method3). BLEU = (1/8) ** (1/4).
+    # One word (你好) has no word bigram, so ROUGE-2 is 0 even for identical texts.
+    assert adgen_metrics(["你好"], ["你好"]) == {
+        "rouge-1": 100.0, "rouge-2": 0.0, "rouge-l": 100.0, "bleu-4": round(100 * 0.125 ** 0.25, 4)}
+
+
+def test_adgen_bleu_keeps_whitespace():
+    # BLEU sees 你,' ',好 vs 你,好: p1 = 2/3, p2 = 0/2 -> 1/(2*2), p3 = 0/1 -> 1/4, p4 = 0/1 -> 1/8;
+    # c = 3 > r = 2. ROUGE sees the words 你 好 vs 你好: nothing in common.
+    assert adgen_metrics(["你 好"], ["你好"]) == {
+        "rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0, "bleu-4": round(100 * (1 / 192) ** 0.25, 4)}
+
+
+def test_adgen_empty_text_scores_zero():
+    # rouge_chinese raises "Hypothesis is empty." (ChatGLM's script would crash); huayu scores 0.
+    zero = {"rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0, "bleu-4": 0.0}
+    assert adgen_metrics([""], ["你好"]) == zero
+    assert adgen_metrics([" \n"], ["你好"]) == zero
+    assert adgen_metrics(["你好"], [""]) == zero
+    # Mean over samples: the empty one counts as 0.
+    assert adgen_metrics(["你好", ""], ["你好", "再见"])["rouge-1"] == 50.0
+
+
+def _chatglm_compute_metrics(decoded_preds, decoded_labels):
+    """ChatGLM-6B ptuning/main.py compute_metrics, after decoding, line for line."""
+    import jieba
+    import numpy as np
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+    from rouge_chinese import Rouge
+
+    score_dict = {"rouge-1": [], "rouge-2": [], "rouge-l": [], "bleu-4": []}
+    for pred, label in zip(decoded_preds, decoded_labels):
+        hypothesis = list(jieba.cut(pred))
+        reference = list(jieba.cut(label))
+        rouge = Rouge()
+        scores = rouge.get_scores(' '.join(hypothesis), ' '.join(reference))
+        result = scores[0]
+        for k, v in result.items():
+            score_dict[k].append(round(v["f"] * 100, 4))
+        bleu_score = sentence_bleu([list(label)], list(pred), smoothing_function=SmoothingFunction().method3)
+        score_dict["bleu-4"].append(round(bleu_score * 100, 4))
+    for k, v in score_dict.items():
+        score_dict[k] = float(np.mean(v))
+    return score_dict
+
+
+def test_adgen_matches_chatglm_code():
+    # Several sentences, punctuation, Latin text and repeats (ROUGE-1/2 count each n-gram once).
+    hyps = ["这款连衣裙采用了简约的设计，显得非常优雅。适合日常穿着！", "好好好，我知道了。", "T恤 很舒服",
+            "今天天气很好。我们去公园吧", "简约而不简单的牛仔外套"]
+    refs = ["简约的连衣裙设计，优雅大方。日常穿着很合适。", "好的，我知道了", "这件T恤穿着很舒服。",
+            "今天天气不错，我们去公园散步吧。", "牛仔外套，简约而不简单，百搭又时尚"]
+    expected = _chatglm_compute_metrics(hyps, refs)
+    assert adgen_metrics(hyps, refs) == {k: round(v, 4) for k, v in expected.items()}
+
+
 # --- CLI --------------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -194,10 +289,20 @@ def files(tmp_path):
     return hyp, ref
 
 
-def test_cli_prints_metrics(files, capsys):
+def test_cli_prints_both_conventions(files, capsys):
     hyp, ref = files
     assert main(["metrics", "--hyp", str(hyp), "--ref", str(ref)]) == 0
+    assert json.loads(capsys.readouterr().out) == {"eva": CLEAN, "adgen": adgen_metrics(HYPS, REFS)}
+
+
+def test_cli_one_convention_is_flat(files, capsys):
+    hyp, ref = files
+    assert main(["metrics", "--hyp", str(hyp), "--ref", str(ref), "--convention", "eva"]) == 0
     assert json.loads(capsys.readouterr().out) == CLEAN
+    hyp.write_text("\n".join(ADGEN_HYPS), encoding="utf-8")
+    ref.write_text("\n".join(ADGEN_REFS), encoding="utf-8")
+    assert main(["metrics", "--hyp", str(hyp), "--ref", str(ref), "--convention", "adgen"]) == 0
+    assert json.loads(capsys.readouterr().out) == ADGEN
 
 
 def test_cli_eva_compat_and_out(files, tmp_path, capsys):
@@ -205,8 +310,14 @@ def test_cli_eva_compat_and_out(files, tmp_path, capsys):
     out = tmp_path / "report" / "metrics.json"
     assert main(["metrics", "--hyp", str(hyp), "--ref", str(ref), "--eva-compat", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert json.loads(printed) == EVA
+    assert json.loads(printed)["eva"] == EVA
     assert out.read_text(encoding="utf-8") == printed
+
+
+def test_cli_eva_compat_needs_eva(files, capsys):
+    hyp, ref = files
+    assert main(["metrics", "--hyp", str(hyp), "--ref", str(ref), "--convention", "adgen", "--eva-compat"]) == 1
+    assert "no effect with --convention adgen" in capsys.readouterr().err
 
 
 def test_cli_line_count_mismatch(files, capsys):

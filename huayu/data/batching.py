@@ -11,6 +11,7 @@ IGNORE = -100  # label id that carries no loss
 class Example:
     input_ids: list[int]  # or a 1-D integer array
     labels: list[int]
+    full_length: int = 0  # length before any truncation (0: not truncated / not tracked)
 
 
 def pad_collate(pad_id: int):

@@ -93,21 +93,24 @@ def _last_target(segs: list[Segment]) -> int:
 
 
 def encode_dialogue(tokenizer, messages: list[dict], max_source_length: int, max_target_length: int,
-                    loss_on: str = "assistant") -> Example:
+                    loss_on: str = "assistant", max_length: int | None = None) -> Example:
     """Token ids and labels for one training dialogue; the last assistant turn is the target.
 
-    Turns after the last assistant message have nothing to learn and are not encoded.
+    The reply is cut to `max_target_length` (and `max_length`), the context to `max_source_length`
+    and to what `max_length` leaves beside the reply. `full_length` is the uncut length. Turns after
+    the last assistant message have nothing to learn and are not encoded.
     """
     segs = segments(tokenizer, messages)
     k = _last_target(segs)
-    target = segs[k].ids[:max_target_length]
-    source = _truncate_source(segs[:k], max_source_length)
+    limit = max_length if max_length is not None else max_source_length + max_target_length
+    target = segs[k].ids[:min(max_target_length, limit)]
+    source = _truncate_source(segs[:k], min(max_source_length, limit - len(target)))
     ids, labels = [], []
     for s in source:
         learn = loss_on == "all" or (loss_on == "assistant" and s.is_target)
         ids += s.ids
         labels += s.ids if learn else [IGNORE] * len(s.ids)
-    return Example(ids + target, labels + target)
+    return Example(ids + target, labels + target, full_length=sum(len(s.ids) for s in segs[:k + 1]))
 
 
 def encode_prompt(tokenizer, context: list[dict], max_source_length: int) -> list[int]:

@@ -25,7 +25,7 @@ _REPLACED = "turns had tabs/newlines replaced by spaces"  # always reported for 
 # ---------------------------------------------------------------- argument types
 
 
-def _role_map(text: str) -> dict[str, str]:
+def parse_role_map(text: str) -> dict[str, str]:
     """"client=user,counselor=assistant" -> {"client": "user", "counselor": "assistant"}."""
     pairs = [item.split("=") for item in text.split(",") if item.strip()]
     if not pairs or any(len(pair) != 2 or not all(p.strip() for p in pair) for pair in pairs):
@@ -63,7 +63,7 @@ def _int_at_least(minimum: int):
 def _add_reader_arguments(parser: argparse.ArgumentParser, formats: tuple[str, ...]) -> None:
     parser.add_argument("path", help="data file (.gz read transparently) or EVA data directory")
     parser.add_argument("--format", default="auto", choices=formats, help="input format (default: detect)")
-    parser.add_argument("--role-map", type=_role_map, metavar="SRC=ROLE,...",
+    parser.add_argument("--role-map", type=parse_role_map, metavar="SRC=ROLE,...",
                         help="map source roles to user/assistant/system, e.g. client=user,counselor=assistant")
     parser.add_argument("--skip-invalid", action="store_true", help="skip (and count) malformed records")
     parser.add_argument("--split", default="train", help="which file of an EVA directory to read (default: train)")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from huayu.config import field_doc
 
@@ -19,12 +21,16 @@ class DialogueDataArgs:
     max_target_length: int = field_doc("max tokens of the reply", default=256)
 
 
-def _report(skipped: int) -> None:
+Report = Callable[[str], None]  # where a reader's report lines go (print, or a list's append to keep them)
+
+
+def _report(skipped: int, report: Report) -> None:
     if skipped:
-        print(f"skipped {skipped} invalid records (--skip-invalid)")
+        report(f"skipped {skipped} invalid records (--skip-invalid)")
 
 
-def read_dialogue_files(paths: list[str], data: DialogueDataArgs, skip_invalid: bool, split: str = "train"):
+def read_dialogue_files(paths: list[str], data: DialogueDataArgs, skip_invalid: bool, split: str = "train",
+                        report: Report = print):
     """Every dialogue in `paths`; `split` picks train/valid/test.txt in an EVA directory."""
     from huayu.data.formats import read_dialogues
 
@@ -35,11 +41,12 @@ def read_dialogue_files(paths: list[str], data: DialogueDataArgs, skip_invalid: 
                                 response_column=data.response_column)
         dialogues += result.records
         skipped += result.skipped
-    _report(skipped)
+    _report(skipped, report)
     return dialogues
 
 
-def read_text_files(paths: list[str], text_field: str | None, target_field: str, skip_invalid: bool):
+def read_text_files(paths: list[str], text_field: str | None, target_field: str, skip_invalid: bool,
+                    report: Report = print):
     """Every text record in `paths` (continuation or input->output)."""
     from huayu.data.formats import read_texts
 
@@ -48,5 +55,31 @@ def read_text_files(paths: list[str], text_field: str | None, target_field: str,
         result = read_texts(path, text_field=text_field, target_field=target_field, skip_invalid=skip_invalid)
         records += result.records
         skipped += result.skipped
-    _report(skipped)
+    _report(skipped, report)
     return records
+
+
+def holds_dialogues(path: str) -> bool:
+    """Whether `path` is dialogue/instruction data (read_dialogue_files) rather than a text corpus.
+
+    `detect_format` takes every .txt file and directory for EVA data; EVA lines are tab-separated
+    turns, the lines of a text corpus (one document each) are not."""
+    from huayu.data.formats import detect_format
+    from huayu.errors import DataError
+
+    try:
+        fmt = detect_format(path)
+    except DataError:  # JSON without dialogue keys, or a missing path (reading it reports that)
+        return False
+    return fmt != "eva" or _tab_separated(Path(path))
+
+
+def _tab_separated(path: Path) -> bool:
+    """Whether the first non-blank line of an EVA file (or a directory's train.txt) has a tab."""
+    from huayu.data.formats import open_text
+
+    candidates = [path / "train.txt", path / "train.txt.gz"] if path.is_dir() else [path]
+    for file in (c for c in candidates if c.is_file()):
+        with open_text(file) as lines:
+            return "\t" in next((line for line in lines if line.strip()), "")
+    return False

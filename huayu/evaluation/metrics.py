@@ -1,20 +1,37 @@
-"""Character-level dialogue metrics as reported by EVA on KdConv: BLEU-4, Dist-n, F1, ROUGE-L.
+"""Two published conventions for scoring Chinese generations; every score is a percentage.
 
-Chinese has no word boundaries, so every metric scores characters. By default whitespace is
-dropped first, so a stray space or newline in generated text neither earns nor costs points.
-`eva_compat=True` reproduces EVA's `src/generation_metrics.py` (thu-coai/EVA) where it differs
-from the clean definition; docs/metrics.md lists each difference. Every score is a percentage.
+EVA's (KdConv, `dialogue_metrics`): BLEU-4, Dist-n, F1, ROUGE-L, all on characters, since Chinese
+has no word boundaries. By default whitespace is dropped first, so a stray space or newline in
+generated text neither earns nor costs points. `eva_compat=True` reproduces EVA's
+`src/generation_metrics.py` (thu-coai/EVA) where it differs from the clean definition.
+
+ChatGLM-6B's (ADGEN, `adgen_metrics`): per-sample sentence BLEU-4 on characters and ROUGE-1/2/L
+on jieba words, averaged over samples, as its p-tuning script computes them. The two give
+different numbers for the same text, so reports always say which is which (`CONVENTIONS`).
+docs/metrics.md lists every difference.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Iterator
 
-from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
+from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu, sentence_bleu
 
 # EVA's calc_rouge_l defaults to beta=1.2, which weights recall above precision.
 EVA_ROUGE_BETA = 1.2
+
+# ChatGLM's score names, in the order its compute_metrics fills them.
+ADGEN_ROUGE = ("rouge-1", "rouge-2", "rouge-l")
+
+# One line per convention, written beside the scores so a report says which numbers are which.
+CONVENTIONS = {
+    "eva": "EVA (thu-coai/EVA): characters, whitespace removed; corpus BLEU-4 (NLTK, method3); "
+           "Dist-n pooled over responses; F1 and ROUGE-L (LCS, beta 1) averaged over samples",
+    "adgen": "ChatGLM-6B ptuning (ADGEN): sentence BLEU-4 on characters (NLTK, method3) and "
+             "ROUGE-1/2/L F on jieba words (rouge_chinese), each averaged over samples",
+}
 
 
 def char_tokens(text: str) -> list[str]:
@@ -96,6 +113,40 @@ def dialogue_metrics(hyps: list[str], refs: list[str], eva_compat: bool = False)
         "rouge_l": rouge_l(hyps, refs, eva_compat),
     }
     return {name: round(value, 4) for name, value in scores.items()}
+
+
+def adgen_metrics(hyps: list[str], refs: list[str]) -> dict[str, float]:
+    """ChatGLM-6B's ADGEN scores (ptuning/main.py, `compute_metrics`), keyed by its names.
+
+    Each sample is scored alone and rounded to 4 decimals, as ChatGLM does, then every metric
+    is averaged over samples; the means are rounded to 4 decimals for the report.
+    """
+    import jieba
+
+    _check_pairs(hyps, refs)
+    jieba.setLogLevel(logging.WARNING)  # not "Building prefix dict ..." on stderr at first use
+    samples = [_adgen_sample(hyp, ref) for hyp, ref in zip(hyps, refs)]
+    return {name: round(sum(s[name] for s in samples) / len(samples), 4) for name in samples[0]}
+
+
+def _adgen_sample(hyp: str, ref: str) -> dict[str, float]:
+    """ROUGE on jieba words, BLEU-4 on raw characters (whitespace kept), as ChatGLM computes them.
+
+    NLTK's `sentence_bleu` scores a sample with no match (or an empty side) 0, so only ROUGE
+    needs a guard: rouge_chinese raises "Hypothesis is empty." where ChatGLM's script would crash,
+    and huayu scores that sample 0 instead, like LLaMA-Factory's port of the same code.
+    """
+    import jieba
+    from rouge_chinese import Rouge
+
+    hyp_words, ref_words = " ".join(jieba.cut(hyp)), " ".join(jieba.cut(ref))
+    if hyp_words.split() and ref_words.split():
+        scores = Rouge().get_scores(hyp_words, ref_words)[0]
+        rouge = {name: round(100 * scores[name]["f"], 4) for name in ADGEN_ROUGE}
+    else:
+        rouge = dict.fromkeys(ADGEN_ROUGE, 0.0)
+    bleu = sentence_bleu([list(ref)], list(hyp), smoothing_function=SmoothingFunction().method3)
+    return {**rouge, "bleu-4": round(100 * float(bleu), 4)}
 
 
 def _lcs_length(a: list[str], b: list[str]) -> int:

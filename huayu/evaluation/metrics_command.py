@@ -1,4 +1,8 @@
-"""`huayu metrics`: score a file of generated responses against a file of references."""
+"""`huayu metrics`: score a file of generated responses against a file of references.
+
+Both conventions are reported by default, each under its own key, because EVA's and ChatGLM's
+numbers for the same text differ and must never be compared across conventions.
+"""
 
 from __future__ import annotations
 
@@ -7,25 +11,42 @@ import json
 from pathlib import Path
 
 from huayu.errors import DataError, HuayuError
-from huayu.evaluation.metrics import dialogue_metrics
+from huayu.evaluation.metrics import adgen_metrics, dialogue_metrics
+
+CONVENTION_CHOICES = ("eva", "adgen", "both")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hyp", required=True, type=Path, help="generated responses, one per line")
     parser.add_argument("--ref", required=True, type=Path, help="reference responses, one per line")
+    parser.add_argument("--convention", choices=CONVENTION_CHOICES, default="both",
+                        help="eva: EVA's character metrics; adgen: ChatGLM's ADGEN metrics; both: "
+                             'one JSON {"eva": ..., "adgen": ...} (default: both)')
     parser.add_argument("--eva-compat", action="store_true",
-                        help="reproduce EVA's metric code exactly (see docs/metrics.md)")
+                        help="reproduce EVA's metric code exactly in the EVA block (see docs/metrics.md)")
     parser.add_argument("--out", type=Path, help="also write the metrics JSON to this file")
 
 
 def run(args: argparse.Namespace) -> None:
     hyps, refs = read_lines(args.hyp), read_lines(args.ref)
     _check_counts(args.hyp, len(hyps), args.ref, len(refs))
-    report = json.dumps(dialogue_metrics(hyps, refs, args.eva_compat), ensure_ascii=False, indent=2)
+    report = json.dumps(score(hyps, refs, args.convention, args.eva_compat), ensure_ascii=False, indent=2)
     print(report)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(report + "\n", encoding="utf-8")
+
+
+def score(hyps: list[str], refs: list[str], convention: str, eva_compat: bool) -> dict:
+    """One convention's scores as a flat dict (the pre-`--convention` output for eva), or both."""
+    if eva_compat and convention == "adgen":
+        raise HuayuError("--eva-compat changes EVA's metrics only; it has no effect with --convention adgen")
+    blocks = {}
+    if convention in ("eva", "both"):
+        blocks["eva"] = dialogue_metrics(hyps, refs, eva_compat)
+    if convention in ("adgen", "both"):
+        blocks["adgen"] = adgen_metrics(hyps, refs)
+    return blocks if convention == "both" else blocks[convention]
 
 
 def read_lines(path: Path) -> list[str]:

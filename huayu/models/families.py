@@ -1,7 +1,8 @@
 """Model families: the one place that knows how architectures differ.
 
-A family says which Auto class loads it and whether it generates. Code elsewhere asks
-`family_of(config)` instead of testing `model_type`.
+A family says which Auto class loads it, whether it generates and which modules LoRA adapts by
+default. Code elsewhere asks `family_of(config)` (or the helpers below) instead of testing
+`model_type`.
 """
 
 from __future__ import annotations
@@ -18,13 +19,23 @@ class Family:
     auto_class: str                 # attribute of `transformers`
     can_generate: bool
     presets: dict[str, Preset] = field(default_factory=dict)
+    lora_targets: dict[str, tuple[str, ...]] = field(default_factory=dict)  # model_type -> module names
 
     def auto(self):
         import transformers
         return getattr(transformers, self.auto_class)
 
 
-DECODER = Family("decoder", "AutoModelForCausalLM", True, DECODER_PRESETS)
+# The attention projections, as in the LoRA paper (which adapts attention weights only): a small
+# adapter of 4·2·r·hidden weights per layer. `--lora-target all-linear` adapts the MLP too, as
+# QLoRA found worthwhile; the choice is the user's, the default stays cheap.
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+DECODER_LORA_TARGETS = {"llama": ATTENTION_PROJECTIONS, "qwen2": ATTENTION_PROJECTIONS,
+                        "mistral": ATTENTION_PROJECTIONS,
+                        "gpt2": ("c_attn",)}  # GPT-2's fused q/k/v projection, a Conv1D
+ALL_LINEAR = "all-linear"
+
+DECODER = Family("decoder", "AutoModelForCausalLM", True, DECODER_PRESETS, DECODER_LORA_TARGETS)
 FAMILIES = {f.name: f for f in (DECODER,)}
 
 
@@ -45,3 +56,58 @@ def family_of_preset(name: str) -> Family | None:
 
 def all_presets() -> list[str]:
     return [name for fam in FAMILIES.values() for name in fam.presets]
+
+
+def transformer_layers(model) -> tuple[str, "torch.nn.ModuleList"]:
+    """(name, blocks) of the model's stack of transformer blocks.
+
+    Found by shape, not by attribute name (`model.layers`, `transformer.h`, ...): the first
+    ModuleList as long as `config.num_hidden_layers`, which every causal LM in transformers has
+    (GPT-2 maps it to `n_layer`)."""
+    import torch
+
+    n = getattr(model.config, "num_hidden_layers", 0)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and n >= 1 and len(module) == n:
+            return name, module
+    raise HuayuError(f"cannot find the {n} transformer layers of {type(model).__name__}")
+
+
+def linear_types() -> tuple[type, ...]:
+    """The layer types LoRA adapts: nn.Linear and GPT-2's transposed Conv1D."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    return torch.nn.Linear, Conv1D
+
+
+def has_transposed_linears(model) -> bool:
+    """Whether the blocks use GPT-2's Conv1D, whose weight is stored (in, out): LoRA must be
+    told (peft's `fan_in_fan_out`)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return any(isinstance(m, Conv1D) for m in transformer_layers(model)[1].modules())
+
+
+def all_linear_targets(model) -> str:
+    """A peft target regex for every linear layer inside the transformer blocks, so that the
+    embeddings and lm_head are never adapted (whatever they are called)."""
+    import re
+
+    prefix, layers = transformer_layers(model)
+    inner = sorted({name.split(".", 1)[1] for name, m in layers.named_modules()
+                    if isinstance(m, linear_types()) and "." in name})
+    if not inner:
+        raise HuayuError(f"no linear layers found inside the transformer layers of {type(model).__name__}")
+    return rf"{re.escape(prefix)}\.\d+\.({'|'.join(map(re.escape, inner))})"
+
+
+def lora_targets(model, requested: list[str]) -> list[str] | str:
+    """The modules LoRA adapts: `requested` names, else the family default for the model type,
+    else (unknown architectures, or `all-linear`) every linear layer in the transformer blocks."""
+    if requested == [ALL_LINEAR]:
+        return all_linear_targets(model)
+    if requested:
+        return requested
+    default = family_of(model.config).lora_targets.get(model.config.model_type)
+    return list(default) if default else all_linear_targets(model)

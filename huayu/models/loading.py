@@ -1,19 +1,50 @@
 """Load a tokenizer and model from a preset name or any local Hugging Face model directory.
 
 Both paths end in a plain transformers model, so every stage treats a user's downloaded
-checkpoint and a freshly initialised preset the same way.
+checkpoint and a freshly initialised preset the same way. A peft adapter (LoRA or prefix) is
+applied on top of such a model; a directory holding only an adapter names its base itself.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import warnings
 from pathlib import Path
 
 from huayu.errors import HuayuError
 from huayu.models.families import all_presets, family_of, family_of_preset
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+
+
 def _is_model_dir(spec: str) -> bool:
     return Path(spec).is_dir() and (Path(spec) / "config.json").exists()
+
+
+def is_adapter_dir(path) -> bool:
+    """A peft adapter directory (adapter_config.json) that is not also a full model."""
+    return (Path(path) / ADAPTER_CONFIG).exists() and not _is_model_dir(str(path))
+
+
+def adapter_config(adapter: str) -> dict:
+    if not (Path(adapter) / ADAPTER_CONFIG).exists():
+        raise HuayuError(f"--adapter '{adapter}' is not an adapter directory (it has no {ADAPTER_CONFIG})")
+    return json.loads((Path(adapter) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+
+
+def resolve_adapter(spec: str, adapter: str | None = None) -> tuple[str, str | None]:
+    """(base model, adapter) for MODEL [--adapter]. MODEL may itself be an adapter directory: its
+    base is then the one recorded in its adapter_config.json, if that exists here."""
+    if adapter is None and is_adapter_dir(spec):
+        spec, adapter = adapter_config(spec).get("base_model_name_or_path") or "", spec
+        if not _is_model_dir(spec):
+            raise HuayuError(f"'{adapter}' is an adapter trained on '{spec}', which is not a model directory "
+                             f"here: pass the base model and the adapter: MODEL --adapter {adapter}")
+    if adapter is not None and not _is_model_dir(spec):
+        raise HuayuError(f"an adapter needs its base model directory, not '{spec}'")
+    return spec, adapter
 
 
 def load_tokenizer(model: str, tokenizer: str | None = None):
@@ -37,8 +68,15 @@ def load_tokenizer(model: str, tokenizer: str | None = None):
     return tok
 
 
-def load_model(spec: str, tokenizer, dtype=None, seed: int = 0):
-    """A model from a local HF directory, or a freshly initialised preset sized to `tokenizer`."""
+def load_model(spec: str, tokenizer, dtype=None, seed: int = 0, adapter: str | None = None):
+    """A model from a local HF directory, or a freshly initialised preset sized to `tokenizer`;
+    with `adapter` (or when `spec` is an adapter directory) a peft model of base + adapter."""
+    spec, adapter = resolve_adapter(spec, adapter)
+    model = _load_base(spec, tokenizer, dtype, seed)
+    return attach_adapter(model, spec, adapter) if adapter else model
+
+
+def _load_base(spec: str, tokenizer, dtype, seed: int):
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -47,7 +85,8 @@ def load_model(spec: str, tokenizer, dtype=None, seed: int = 0):
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(spec)
-        model = family_of(config).auto().from_pretrained(spec, dtype=dtype)
+        # by absolute path, so that an adapter trained on this model records where its base is
+        model = family_of(config).auto().from_pretrained(str(Path(spec).resolve()), dtype=dtype)
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             raise HuayuError(f"tokenizer has {len(tokenizer)} tokens but the model at '{spec}' "
                              f"has only {model.get_input_embeddings().num_embeddings} embeddings")
@@ -64,6 +103,61 @@ def load_model(spec: str, tokenizer, dtype=None, seed: int = 0):
     torch.manual_seed(seed)
     model = family.auto().from_config(config)
     return model.to(dtype) if dtype is not None else model
+
+
+def load_for_inference(spec: str, adapter: str | None = None, dtype=None):
+    """(tokenizer, model) of MODEL [--adapter]. An adapter's own tokenizer, which training saves
+    beside it with the chat template it was trained with, wins over the base's."""
+    spec, adapter = resolve_adapter(spec, adapter)
+    has_own = adapter is not None and (Path(adapter) / "tokenizer_config.json").exists()
+    tokenizer = load_tokenizer(adapter if has_own else spec)
+    return tokenizer, load_model(spec, tokenizer, dtype=dtype, adapter=adapter)
+
+
+@contextlib.contextmanager
+def peft_quietly():
+    """Silence the FutureWarning peft triggers on every wrap (its use of transformers'
+    deprecated `is_gradient_checkpointing`): it is not the user's to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        yield
+
+
+def _describe(config) -> str:
+    return (f"{config.model_type}, {config.num_hidden_layers} layers, hidden size {config.hidden_size}, "
+            f"vocab {config.vocab_size}")
+
+
+def attach_adapter(model, spec: str, adapter: str, trainable: bool = False):
+    """`model` (loaded from `spec`) with the peft adapter at `adapter`; `trainable` to resume its
+    training. An adapter trained on a different base is an error naming both, checked against the
+    recorded base when it exists here and otherwise caught from peft's shape or module errors."""
+    from peft import PeftModel
+    from transformers import AutoConfig
+
+    base = adapter_config(adapter).get("base_model_name_or_path")
+    trained_on = _describe(AutoConfig.from_pretrained(base)) if base and _is_model_dir(base) else None
+    mismatch = (f"adapter '{adapter}' was trained on base '{base}' ({trained_on or 'not available here'}) "
+                f"but MODEL '{spec}' is {_describe(model.config)}")
+    if trained_on is not None and trained_on != _describe(model.config):
+        raise HuayuError(f"{mismatch}: pass the base model the adapter was trained on")
+    try:
+        with peft_quietly():
+            return _trainable_adapter(model, adapter) if trainable else PeftModel.from_pretrained(model, adapter)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise HuayuError(f"{mismatch}; peft: {' '.join(str(exc).split())[:300]}") from None
+
+
+def _trainable_adapter(model, adapter: str):
+    """The adapter rebuilt from its config as training built it, with its saved weights: peft's
+    from_pretrained(is_trainable=True) refuses prompt-learning (prefix) adapters."""
+    from peft import PeftConfig, get_peft_model, load_peft_weights, set_peft_model_state_dict
+
+    config = PeftConfig.from_pretrained(adapter)
+    config.inference_mode = False
+    peft_model = get_peft_model(model, config)
+    set_peft_model_state_dict(peft_model, load_peft_weights(adapter))
+    return peft_model
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -83,9 +83,11 @@ def evaluate_loss(model, examples, collate, batch_size: int = 8, bf16: bool = Fa
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start:start + batch_size])
+        n = int((batch["labels"][..., 1:] != -100).sum())
+        if n == 0:  # e.g. a 1-token tail block: nothing to predict, and the model's mean would be NaN
+            continue
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = model(**batch).loss.float().item()
-        n = int((batch["labels"][..., 1:] != -100).sum())
         total, count = total + loss * n, count + n
     model.train()
     return total / max(count, 1)
@@ -139,7 +141,8 @@ def _rng_state() -> dict:
 
 
 def _save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler, cfg, keep: int):
-    """Write `out/checkpoints/step-N` atomically: build it under a temp name, then rename."""
+    """Write `out/checkpoints/step-N` atomically: build it under a temp name, then rename. For a
+    peft model the weights are its adapter; resuming puts it back on the run's base model."""
     root = out / CHECKPOINTS
     final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -155,7 +158,9 @@ def _save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, schedule
 
 
 def _save_final(out: Path, model, tokenizer) -> None:
-    """Save the final model into `out/`, each file moved into place atomically."""
+    """Save the final model into `out/`, each file moved into place atomically. A peft model
+    saves its adapter (adapter_config.json + adapter_model.safetensors), which with the tokenizer
+    beside it loads with `PeftModel.from_pretrained(base, out)` or `huayu chat out`."""
     tmp = out / ".tmp-final"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

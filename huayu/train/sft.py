@@ -1,53 +1,162 @@
 """`huayu sft`: supervised fine-tuning on multi-turn dialogues or instructions.
 
-Loss is on assistant turns by default (`all`: every token; `last`: the final reply only); the
-context is truncated from the oldest turn to `max_source_length`, the reply to `max_target_length`.
+Loss is on assistant turns by default (`all`: every token; `last`: the final reply only). The reply
+is cut to `max_target_length`, the context (from its oldest turn) to `max_source_length` and to what
+`max_seq_length` leaves beside the reply; `skip_overlength` drops too-long examples instead. Every
+cut or dropped example is counted and reported. Encoded examples are cached on disk
+(huayu/data/cache.py). `replay_data` mixes general data in, against forgetting it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import random
+from dataclasses import asdict, dataclass, replace
 
 from huayu.config import add_config_arguments, config_from_args, field_doc
+from huayu.data.batching import Example
+from huayu.data.cache import DataCacheConfig, add_no_cache_flag
 from huayu.data.chat import LOSS_ON
-from huayu.data.sources import DialogueDataArgs, read_dialogue_files
+from huayu.data.sources import DialogueDataArgs
 from huayu.errors import HuayuError
 from huayu.train.stage import StageConfig, run_stage
 
 
 @dataclass
-class SftConfig(StageConfig):
+class SftConfig(DataCacheConfig, StageConfig):
     out: str = field_doc("output directory", default="out/sft")
     dialogue: DialogueDataArgs = field_doc("how dialogues are read and cut", default_factory=DialogueDataArgs)
     loss_on: str = field_doc(f"which tokens carry loss: {', '.join(LOSS_ON)}", default="assistant")
+    max_seq_length: int = field_doc("max tokens of context + reply (0: max_source_length + max_target_length)",
+                                    default=0)
+    skip_overlength: bool = field_doc("drop (and count) dialogues longer than max_seq_length instead of "
+                                      "truncating them", default=False)
+    replay_data: list[str] = field_doc("general data mixed in against forgetting: dialogue/instruction files, "
+                                       "or text corpora packed into max_seq_length blocks", default_factory=list)
+    replay_ratio: float = field_doc("replay examples per training example (0.2: 200 per 1000)", default=0.2)
+
+
+def seq_limit(cfg: SftConfig) -> int:
+    return cfg.max_seq_length or cfg.dialogue.max_source_length + cfg.dialogue.max_target_length
+
+
+def fit_dialogue(tokenizer, messages: list[dict], cfg: SftConfig) -> tuple[Example | None, bool]:
+    """(example or None, whether it was cut) of one dialogue within the length limits; None when
+    it is longer than max_seq_length and skip_overlength is set."""
+    from huayu.data.chat import encode_dialogue
+
+    d, limit = cfg.dialogue, seq_limit(cfg)
+    example = encode_dialogue(tokenizer, messages, d.max_source_length, d.max_target_length, cfg.loss_on, limit)
+    if cfg.skip_overlength and example.full_length > limit:
+        return None, False
+    return example, example.full_length > len(example.input_ids)
+
+
+def encode_dialogues(tokenizer, dialogues: list, cfg: SftConfig, split: str, notes: list[str]):
+    """Yield the examples of `dialogues`; how many were cut or dropped is appended to `notes`."""
+    from tqdm.auto import tqdm
+
+    cut = dropped = 0
+    for dialogue in tqdm(dialogues, desc=f"encode {split}", unit="dlg", leave=False):
+        example, truncated = fit_dialogue(tokenizer, dialogue.messages, cfg)
+        if example is None:
+            dropped += 1
+            continue
+        cut += truncated
+        yield example
+    d, limit = cfg.dialogue, seq_limit(cfg)
+    note = (f"{split}: {len(dialogues):,} dialogues -> {len(dialogues) - dropped:,} examples; {cut:,} truncated "
+            f"to max source/target/total length {d.max_source_length}/{d.max_target_length}/{limit}")
+    if cfg.skip_overlength:
+        note += f"; {dropped:,} longer than {limit} tokens dropped (--skip-overlength)"
+    notes.append(note)
+
+
+def dialogue_dataset(cfg: SftConfig, tokenizer, paths: list[str], split: str):
+    """The encoded dialogues of `paths` as an Arrow dataset, cached under everything they depend on."""
+    from huayu.data.cache import cached_dataset
+    from huayu.data.sources import read_dialogue_files
+
+    def build(notes: list[str]):
+        dialogues = read_dialogue_files(paths, cfg.dialogue, cfg.skip_invalid, split, report=notes.append)
+        trailing = sum(x.messages[-1]["role"] != "assistant" for x in dialogues)
+        if trailing:
+            notes.append(f"{trailing} {split} dialogues end with turns after the last assistant reply; those "
+                         "turns have no reply to learn and are not used")
+        return encode_dialogues(tokenizer, dialogues, cfg, split, notes)
+
+    options = {"dialogue": asdict(cfg.dialogue), "split": split, "skip_invalid": cfg.skip_invalid,
+               "loss_on": cfg.loss_on, "max_seq_length": seq_limit(cfg), "skip_overlength": cfg.skip_overlength}
+    return cached_dataset("sft", paths, tokenizer, options, build, cfg)
+
+
+def replay_dataset(cfg: SftConfig, tokenizer):
+    """Every example the replay data gives: its dialogues encoded like the training data (format
+    detected per file), its text corpora packed into max_seq_length blocks."""
+    from datasets import concatenate_datasets
+
+    from huayu.data.sources import holds_dialogues
+    from huayu.train.pretrain import block_dataset
+
+    dialogue_paths = [p for p in cfg.replay_data if holds_dialogues(p)]
+    text_paths = [p for p in cfg.replay_data if p not in dialogue_paths]
+    parts = []
+    if dialogue_paths:
+        general = replace(cfg.dialogue, format="auto", prompt_column=None, response_column=None)
+        parts.append(dialogue_dataset(replace(cfg, dialogue=general), tokenizer, dialogue_paths, "train"))
+    if text_paths:
+        parts.append(block_dataset(tokenizer, text_paths, seq_limit(cfg), cfg.skip_invalid, cfg))
+    return concatenate_datasets(parts)
+
+
+def replay_indices(available: int, wanted: int, seed: int) -> list[int]:
+    """`wanted` indices into `available` replay examples, drawn with `seed`: a sample without
+    replacement, or when too few are available, each one ⌊wanted/available⌋ times plus a sample."""
+    rounds, rest = divmod(wanted, available)
+    return sorted(list(range(available)) * rounds + random.Random(seed).sample(range(available), rest))
+
+
+def mix_replay(train, replay, cfg: SftConfig):
+    """`train` plus replay_ratio × len(train) replay examples, one list for the loop to shuffle."""
+    from datasets import concatenate_datasets
+
+    if len(replay) == 0:
+        raise HuayuError(f"the replay data ({', '.join(cfg.replay_data)}) produced no examples")
+    wanted = round(cfg.replay_ratio * len(train))
+    print(f"replay: {len(train):,} training examples + {wanted:,} replay examples (ratio {cfg.replay_ratio}) "
+          f"drawn from the {len(replay):,} of {', '.join(cfg.replay_data)} = {len(train) + wanted:,}")
+    if wanted > len(replay):
+        print(f"replay: only {len(replay):,} available, so each is used {wanted / len(replay):.2f} times on average")
+    picked = replay.select(replay_indices(len(replay), wanted, cfg.train.seed), keep_in_memory=True)
+    return concatenate_datasets([train, picked])
 
 
 def build_examples(cfg: SftConfig, tokenizer):
-    from tqdm.auto import tqdm
+    from huayu.data.cache import ArrowExamples
+    from huayu.data.chat import ensure_chat_template
 
-    from huayu.data.chat import encode_dialogue, ensure_chat_template
+    ensure_chat_template(tokenizer)  # before the cache key is computed: the template shapes the ids
+    train = dialogue_dataset(cfg, tokenizer, cfg.data, "train")
+    if cfg.replay_data:
+        train = mix_replay(train, replay_dataset(cfg, tokenizer), cfg)
+    valid = dialogue_dataset(cfg, tokenizer, cfg.valid_data, "valid") if cfg.valid_data else None
+    return ArrowExamples(train), (ArrowExamples(valid) if valid is not None else None)
 
-    ensure_chat_template(tokenizer)
 
-    def encode(paths, split):
-        dialogues = read_dialogue_files(paths, cfg.dialogue, cfg.skip_invalid, split)
-        trailing = sum(x.messages[-1]["role"] != "assistant" for x in dialogues)
-        if trailing:
-            print(f"{trailing} {split} dialogues end with turns after the last assistant reply; those "
-                  "turns have no reply to learn and are not used")
-        d = cfg.dialogue
-        return [encode_dialogue(tokenizer, x.messages, d.max_source_length, d.max_target_length, cfg.loss_on)
-                for x in tqdm(dialogues, desc=f"encode {split}", unit="dlg", leave=False)]
-
-    return encode(cfg.data, "train"), (encode(cfg.valid_data, "valid") if cfg.valid_data else None)
+def check(cfg: SftConfig) -> None:
+    if cfg.loss_on not in LOSS_ON:
+        raise HuayuError(f"--loss-on must be one of {', '.join(LOSS_ON)}, got '{cfg.loss_on}'")
+    if cfg.max_seq_length < 0:
+        raise HuayuError("--max-seq-length must be 0 (source + target length) or positive")
+    if cfg.replay_data and cfg.replay_ratio <= 0:
+        raise HuayuError("--replay-ratio must be positive when --replay-data is given")
 
 
 def add_arguments(parser) -> None:
     add_config_arguments(parser, SftConfig)
+    add_no_cache_flag(parser)
 
 
 def run(args) -> None:
     cfg = config_from_args(SftConfig, args)
-    if cfg.loss_on not in LOSS_ON:
-        raise HuayuError(f"--loss-on must be one of {', '.join(LOSS_ON)}, got '{cfg.loss_on}'")
+    check(cfg)
     run_stage(cfg, lambda tok: build_examples(cfg, tok))

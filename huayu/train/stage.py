@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from huayu.config import field_doc
 from huayu.errors import HuayuError
 from huayu.train.loop import CHECKPOINTS, TrainArgs, fit, latest_checkpoint
+from huayu.train.methods import FinetuningArgs, apply_finetuning, check_finetuning
 from huayu.train.schedules import SCHEDULES
 
 
@@ -21,12 +22,23 @@ class StageConfig:
     out: str = field_doc("output directory", default="out/run")
     skip_invalid: bool = field_doc("skip malformed records (and report how many) instead of stopping",
                                    default=False)
+    finetuning: FinetuningArgs = field_doc("which weights to train", default_factory=FinetuningArgs)
     train: TrainArgs = field_doc("optimisation", default_factory=TrainArgs)
 
 
 def check(cfg: StageConfig) -> None:
+    from huayu.models.loading import is_adapter_dir
+
     if not cfg.data:
         raise HuayuError("no training data: pass --data PATH")
+    check_finetuning(cfg.finetuning)
+    if is_adapter_dir(cfg.model):
+        raise HuayuError(f"--model '{cfg.model}' is an adapter: merge it into its base first "
+                         f"(huayu export merge BASE {cfg.model} --out DIR) and train DIR")
+    if cfg.finetuning.uses_adapter and not Path(cfg.model, "config.json").exists():
+        raise HuayuError(f"--finetuning-type {cfg.finetuning.finetuning_type} needs a trained base model directory "
+                         f"as --model, not '{cfg.model}': an adapter on a randomly initialised preset could not "
+                         "be loaded again")
     if cfg.train.schedule not in SCHEDULES:
         raise HuayuError(f"--train.schedule must be one of {', '.join(SCHEDULES)}, got '{cfg.train.schedule}'")
     for name in ("batch_size", "grad_accum"):
@@ -42,7 +54,7 @@ def check(cfg: StageConfig) -> None:
 def run_stage(cfg: StageConfig, build_examples) -> dict:
     """Load the tokenizer and model (from the last checkpoint when resuming), build the examples
     with `build_examples(tokenizer) -> (train, valid or None)`, and train."""
-    from huayu.models.loading import count_parameters, load_model, load_tokenizer
+    from huayu.models.loading import count_parameters, load_tokenizer
 
     check(cfg)
     ckpt = latest_checkpoint(cfg.out) if cfg.train.resume else None
@@ -53,11 +65,40 @@ def run_stage(cfg: StageConfig, build_examples) -> dict:
     train, valid = build_examples(tokenizer)
     if not train:
         raise HuayuError("the training data produced no examples")
-    model = load_model(source, tokenizer, seed=cfg.train.seed)
+    model = trainable_model(cfg, tokenizer, ckpt)
     trainable, total = count_parameters(model)
-    print(f"model: {type(model).__name__} from '{source}': {total:,} parameters, {trainable:,} trainable "
-          f"({100 * trainable / total:.2f}%); {len(train):,} training examples")
+    print(f"model: {type(model).__name__} from '{source}', {cfg.finetuning.finetuning_type} fine-tuning: "
+          f"{total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.2f}%); "
+          f"{len(train):,} training examples")
     from huayu.data.batching import pad_collate
 
     return fit(model, tokenizer, train, pad_collate(tokenizer.pad_token_id), cfg.train, cfg.out, cfg,
                eval_examples=valid, resume_from=ckpt)
+
+
+def trainable_model(cfg: StageConfig, tokenizer, ckpt: Path | None):
+    """The model to train, its trainable parameters set by the fine-tuning method. Resuming, the
+    weights come from the checkpoint: a full model, or an adapter put back on its base (cfg.model)
+    with the same trainable parameters, so the saved optimiser state fits them."""
+    from huayu.models.loading import attach_adapter, is_adapter_dir, load_model
+
+    if ckpt is None:
+        return apply_finetuning(load_model(cfg.model, tokenizer, seed=cfg.train.seed), cfg.finetuning)
+    check_same_method(cfg, ckpt)
+    if is_adapter_dir(ckpt):
+        return attach_adapter(load_model(cfg.model, tokenizer), cfg.model, str(ckpt), trainable=True)
+    return apply_finetuning(load_model(str(ckpt), tokenizer), cfg.finetuning)
+
+
+def check_same_method(cfg: StageConfig, ckpt: Path) -> None:
+    """A run resumes only with the fine-tuning options it was started with: others would train
+    different parameters than the checkpoint's optimiser state belongs to."""
+    import yaml
+
+    saved = yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8")).get("finetuning", {})
+    started, now = {**asdict(FinetuningArgs()), **saved}, asdict(cfg.finetuning)
+    if started != now:
+        changed = ", ".join(f"--{k.replace('_', '-')} {started[k]} -> {now[k]}"
+                            for k in now if started[k] != now[k])
+        raise HuayuError(f"--resume: {ckpt} was trained with other fine-tuning options ({changed}); "
+                         "resume with the original ones or choose another --out")
