@@ -30,7 +30,7 @@ def is_adapter_dir(path) -> bool:
 
 def adapter_config(adapter: str) -> dict:
     if not (Path(adapter) / ADAPTER_CONFIG).exists():
-        raise HuayuError(f"--adapter '{adapter}' is not an adapter directory (it has no {ADAPTER_CONFIG})")
+        raise HuayuError(f"'{adapter}' is not an adapter directory (it has no {ADAPTER_CONFIG})")
     return json.loads((Path(adapter) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
 
 
@@ -68,12 +68,16 @@ def load_tokenizer(model: str, tokenizer: str | None = None):
     return tok
 
 
-def load_model(spec: str, tokenizer, dtype=None, seed: int = 0, adapter: str | None = None):
+def load_model(spec: str, tokenizer, dtype=None, seed: int = 0, adapter: str | None = None,
+               trainable_adapter: bool = False):
     """A model from a local HF directory, or a freshly initialised preset sized to `tokenizer`;
-    with `adapter` (or when `spec` is an adapter directory) a peft model of base + adapter."""
+    with `adapter` (or when `spec` is an adapter directory) a peft model of base + adapter, whose
+    adapter is `trainable_adapter` to resume its training."""
     spec, adapter = resolve_adapter(spec, adapter)
-    model = _load_base(spec, tokenizer, dtype, seed)
-    return attach_adapter(model, spec, adapter) if adapter else model
+    if adapter is None:
+        return _load_base(spec, tokenizer, dtype, seed)
+    mismatch = _check_adapter_base(spec, adapter)  # first: a wrong base's vocabulary would fail less clearly
+    return _attach_adapter(_load_base(spec, tokenizer, dtype, seed), adapter, mismatch, trainable_adapter)
 
 
 def _load_base(spec: str, tokenizer, dtype, seed: int):
@@ -128,19 +132,25 @@ def _describe(config) -> str:
             f"vocab {config.vocab_size}")
 
 
-def attach_adapter(model, spec: str, adapter: str, trainable: bool = False):
-    """`model` (loaded from `spec`) with the peft adapter at `adapter`; `trainable` to resume its
-    training. An adapter trained on a different base is an error naming both, checked against the
-    recorded base when it exists here and otherwise caught from peft's shape or module errors."""
-    from peft import PeftModel
+def _check_adapter_base(spec: str, adapter: str) -> str:
+    """Fail if the adapter's recorded base, when it exists here, differs from MODEL in shape or
+    architecture; else return the message that explains peft's errors if the base is still wrong."""
     from transformers import AutoConfig
 
     base = adapter_config(adapter).get("base_model_name_or_path")
     trained_on = _describe(AutoConfig.from_pretrained(base)) if base and _is_model_dir(base) else None
+    given = _describe(AutoConfig.from_pretrained(spec))
     mismatch = (f"adapter '{adapter}' was trained on base '{base}' ({trained_on or 'not available here'}) "
-                f"but MODEL '{spec}' is {_describe(model.config)}")
-    if trained_on is not None and trained_on != _describe(model.config):
+                f"but MODEL '{spec}' is {given}")
+    if trained_on is not None and trained_on != given:
         raise HuayuError(f"{mismatch}: pass the base model the adapter was trained on")
+    return mismatch
+
+
+def _attach_adapter(model, adapter: str, mismatch: str, trainable: bool):
+    """`model` with the peft adapter at `adapter`; peft's shape or module errors explained."""
+    from peft import PeftModel
+
     try:
         with peft_quietly():
             return _trainable_adapter(model, adapter) if trainable else PeftModel.from_pretrained(model, adapter)

@@ -80,13 +80,13 @@ def trainable_model(cfg: StageConfig, tokenizer, ckpt: Path | None):
     """The model to train, its trainable parameters set by the fine-tuning method. Resuming, the
     weights come from the checkpoint: a full model, or an adapter put back on its base (cfg.model)
     with the same trainable parameters, so the saved optimiser state fits them."""
-    from huayu.models.loading import attach_adapter, is_adapter_dir, load_model
+    from huayu.models.loading import is_adapter_dir, load_model
 
     if ckpt is None:
         return apply_finetuning(load_model(cfg.model, tokenizer, seed=cfg.train.seed), cfg.finetuning)
     check_same_method(cfg, ckpt)
     if is_adapter_dir(ckpt):
-        return attach_adapter(load_model(cfg.model, tokenizer), cfg.model, str(ckpt), trainable=True)
+        return load_model(cfg.model, tokenizer, adapter=str(ckpt), trainable_adapter=True)
     return apply_finetuning(load_model(str(ckpt), tokenizer), cfg.finetuning)
 
 
