@@ -52,6 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides, else fp32")
     p.add_argument("--rounds", type=int, default=2, help="rounds in the order huayu, HF, HF, huayu, ...; "
                    "each side's best round is reported (other load on the machine only slows a run)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=42, help="model init and data order seed")
     p.add_argument("--verbose", action="store_true", help="show both trainers' own output")
     args = p.parse_args(argv)
@@ -213,6 +214,8 @@ def main(argv=None) -> None:
 
     args = parse_args(argv)
     hf_logging.set_verbosity_error()  # its handler writes to the real stderr, past quiet()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="huayu-bench-") as name:
         tmp = Path(name)
         texts, tokenizer = prepare(args, tmp)

@@ -142,7 +142,7 @@ class Generator:
             raise failure[0]
 
     def encode_text(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
     def encode_chat(self, messages: list[dict], max_source_length: int | None = None) -> list[int]:
         """The prompt ids for the assistant's next turn after `messages`."""

@@ -12,6 +12,7 @@ from huayu.generation import DecodingArgs
 @dataclass
 class GenerateConfig:
     model: str = field_doc("model directory", positional=True, default=None)
+    adapter: str | None = field_doc("peft adapter directory applied to MODEL", default=None)
     prompt: str | None = field_doc("prompt text", default=None)
     file: str | None = field_doc("file with one prompt per line", default=None)
     decoding: DecodingArgs = field_doc("decoding", default_factory=DecodingArgs)
@@ -36,7 +37,7 @@ def run(args) -> None:
     if not cfg.model or not prompts:
         raise HuayuError("usage: huayu generate MODEL --prompt TEXT (or --file PROMPTS.txt)")
     torch.manual_seed(cfg.seed)
-    gen = Generator.load(cfg.model)
+    gen = Generator.load(cfg.model, adapter=cfg.adapter)
     if len(prompts) == 1:
         print(prompts[0], end="", flush=True)
         for piece in gen.stream_ids(gen.encode_text(prompts[0]), cfg.decoding):

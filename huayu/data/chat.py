@@ -58,7 +58,7 @@ def segment_texts(tokenizer, messages: list[dict]) -> list[tuple[str, int, bool]
 
 def segments(tokenizer, messages: list[dict]) -> list[Segment]:
     pieces = segment_texts(tokenizer, messages)
-    ids = tokenizer([p[0] for p in pieces], add_special_tokens=False)["input_ids"] if pieces else []
+    ids = tokenizer([p[0] for p in pieces], add_special_tokens=False, verbose=False)["input_ids"] if pieces else []
     return [Segment(i, m, t, messages[m]["role"]) for i, (_, m, t) in zip(ids, pieces)]
 
 
@@ -117,6 +117,6 @@ def encode_prompt(tokenizer, context: list[dict], max_source_length: int) -> lis
     """Ids of `context` plus the assistant header, truncated from the oldest turn."""
     segs = segments(tokenizer, context)
     header = _render(tokenizer, context, generation_prompt=True)[len(_render(tokenizer, context)):]
-    header_ids = tokenizer(header, add_special_tokens=False)["input_ids"] if header else []
+    header_ids = tokenizer(header, add_special_tokens=False, verbose=False)["input_ids"] if header else []
     segs = _truncate_source(segs + [Segment(header_ids, len(context), False, "assistant")], max_source_length)
     return [t for s in segs for t in s.ids]

@@ -16,9 +16,9 @@ def tokenize_records(tokenizer, records: list[TextRecord], batch: int = 1000):
     eos = tokenizer.eos_token_id
     for start in range(0, len(records), batch):
         chunk = records[start:start + batch]
-        texts = tokenizer([r.text for r in chunk], add_special_tokens=False)["input_ids"]
+        texts = tokenizer([r.text for r in chunk], add_special_tokens=False, verbose=False)["input_ids"]
         targets = [r.target for r in chunk if r.target is not None]
-        target_ids = iter(tokenizer(targets, add_special_tokens=False)["input_ids"] if targets else [])
+        target_ids = iter(tokenizer(targets, add_special_tokens=False, verbose=False)["input_ids"] if targets else [])
         for record, ids in zip(chunk, texts):
             if record.target is None:
                 yield ids + [eos], ids + [eos]
