@@ -182,8 +182,9 @@ def run_rounds(args, tmp: Path, config, texts: list[str], tokenizer, share: floa
     for r in range(args.rounds):
         peak = max(peak, matmul_peak(dtype))
         for name in list(sides)[::-1 if r % 2 else 1]:
-            results[name].append(sides[name](tmp / f"{name.split()[0]}-{r}"))
-            print(f"round {r + 1}: {name:<15}{results[name][-1][0]:>8,.0f} tokens/s   "
+            tok_s, real = sides[name](tmp / f"{name.split()[0]}-{r}")
+            results[name].append((tok_s, real))
+            print(f"round {r + 1}: {name:<15}{tok_s:>7,.0f} tokens/s, {real:6.1%} real   "
                   f"(1-min load average after: {os.getloadavg()[0]:.1f})", flush=True)
     return results, max(peak, matmul_peak(dtype))
 
