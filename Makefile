@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU-only machines get the CPU wheel of torch; with CUDA present, pip picks the default (CUDA) build.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: setup demo test test-all clean
+.PHONY: setup browser demo test test-all clean
 
 setup: $(VENV)/.installed
 
@@ -14,13 +14,21 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)" -e ".[dev]"
 	touch $@
 
+# The web UI test drives Debian's chromium + chromedriver; installed when missing and apt is ours to use.
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+		if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+		else echo "chromium/chromedriver not installed and apt-get unavailable: the web UI browser test will be skipped"; fi; \
+	fi
+
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/huayu demo --out out/demo
 
-test: setup
+test: setup browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
-test-all: setup
+test-all: setup browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m ""
 
 clean:

@@ -9,12 +9,9 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+from huayu.api import chat_decoding
 from huayu.config import add_config_arguments, config_from_args, field_doc
-from huayu.generation import EVA_BEAM, EVA_SAMPLE, DecodingArgs
-
-
-def _chat_decoding() -> DecodingArgs:
-    return DecodingArgs(**{**EVA_SAMPLE, "repetition_penalty": 1.2})
+from huayu.generation import EVA_BEAM, DecodingArgs
 
 
 @dataclass
@@ -22,7 +19,7 @@ class ChatConfig:
     model: str = field_doc("model directory (or a LoRA/prefix adapter directory whose base is known)",
                            positional=True, default=None)
     adapter: str | None = field_doc("LoRA or prefix adapter directory applied on top of MODEL", default=None)
-    decoding: DecodingArgs = field_doc("decoding", default_factory=_chat_decoding)
+    decoding: DecodingArgs = field_doc("decoding", default_factory=chat_decoding)
     beam: bool = field_doc("use EVA's beam-search preset (4 beams, length and repetition penalty 1.6)",
                            default=False)
     seed: int = field_doc("random seed for sampling", default=1234)

@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export merge": ("huayu.export:merge", "Merge a LoRA adapter into its base model (a plain HF model)"),
     "generate": ("huayu.generation_command", "Generate continuations for prompts"),
     "chat": ("huayu.chat", "Interactive multi-turn chat in the terminal (or piped stdin)"),
+    "serve": ("huayu.serve.server", "OpenAI-compatible HTTP API (/v1/chat/completions, ...) with dynamic batching"),
+    "webui": ("huayu.serve.webui", "A Gradio chat page in the browser"),
     "demo": ("huayu.demo", "Train, evaluate and chat with a tiny model on the bundled corpus"),
 }
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from huayu.config import add_config_arguments, config_from_args, field_doc
+from huayu.data.templates import TEMPLATE_RECORD
 from huayu.errors import HuayuError
 
 EXPORT_FILE = "huayu_export.yaml"
@@ -53,6 +54,8 @@ def merge(cfg: MergeConfig) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.merge_and_unload().save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if (Path(cfg.adapter) / TEMPLATE_RECORD).exists():  # the merged weights learned the adapter's template
+        shutil.copy(Path(cfg.adapter) / TEMPLATE_RECORD, tmp / TEMPLATE_RECORD)
     record = {"base": str(Path(cfg.base).resolve()), "adapter": str(Path(cfg.adapter).resolve()), "method": "lora"}
     (tmp / EXPORT_FILE).write_text(yaml.safe_dump(record, allow_unicode=True, sort_keys=False), encoding="utf-8")
     os.replace(tmp, out)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -47,6 +48,24 @@ def check_decoding(d: DecodingArgs) -> None:
             raise HuayuError(f"--{name.replace('_', '-')} must be {what}, got {getattr(d, name)}")
 
 
+class TemplateWarning(UserWarning):
+    """The chat template used at inference may not be the one the model was fine-tuned with."""
+
+
+def chat_template_problem(tokenizer, weights_dir: str) -> str | None:
+    """What is wrong with rendering chats for the weights in `weights_dir` with `tokenizer`'s
+    template, or None. A tokenizer without any template gets huayu's default (said so)."""
+    from huayu.data.chat import ensure_chat_template
+    from huayu.data.templates import template_mismatch
+
+    problem = template_mismatch(tokenizer, weights_dir)
+    if not tokenizer.chat_template:
+        ensure_chat_template(tokenizer)
+        problem = problem or (f"'{weights_dir}' has no chat template, so it was not fine-tuned for chat: "
+                              "using huayu's default template (<|user|>…</s><|assistant|>)")
+    return problem
+
+
 class Generator:
     """A model and its tokenizer, ready to decode."""
 
@@ -56,19 +75,22 @@ class Generator:
             model.config, "n_positions", 1024)
         eos = {tokenizer.eos_token_id} | set(_as_list(model.generation_config.eos_token_id))
         self.eos_ids = sorted(i for i in eos if i is not None)
+        self.template_problem: str | None = None
+        self._warned = False
 
     @classmethod
-    def load(cls, path: str, dtype=None, adapter: str | None = None) -> "Generator":
+    def load(cls, path: str, dtype=None, adapter: str | None = None, quantization: str | None = None) -> "Generator":
         """The model at `path` (a model directory, or an adapter directory whose base is known),
-        with `adapter` (LoRA or prefix) applied when given."""
-        from huayu.data.chat import ensure_chat_template
-        from huayu.models.loading import load_for_inference
+        with `adapter` (LoRA or prefix) applied when given, and optionally quantized on loading."""
+        from huayu.models.loading import load_for_inference, quantize_for_inference, resolve_adapter
 
         tokenizer, model = load_for_inference(path, adapter, dtype=dtype)
-        ensure_chat_template(tokenizer)
         if not model.can_generate():
             raise HuayuError(f"the model at '{path}' cannot generate text")
-        return cls(model, tokenizer)
+        generator = cls(quantize_for_inference(model, quantization), tokenizer)
+        base, adapter = resolve_adapter(path, adapter)
+        generator.template_problem = chat_template_problem(tokenizer, adapter or base)
+        return generator
 
     def _config(self, d: DecodingArgs):
         from transformers import GenerationConfig
@@ -145,9 +167,13 @@ class Generator:
         return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
     def encode_chat(self, messages: list[dict], max_source_length: int | None = None) -> list[int]:
-        """The prompt ids for the assistant's next turn after `messages`."""
+        """The prompt ids for the assistant's next turn after `messages`; the first call warns if the
+        chat template is not the one the model was fine-tuned with."""
         from huayu.data.chat import encode_prompt
 
+        if self.template_problem and not self._warned:
+            warnings.warn(self.template_problem, TemplateWarning, stacklevel=2)
+            self._warned = True
         return encode_prompt(self.tokenizer, messages, max_source_length or self.max_positions)
 
 

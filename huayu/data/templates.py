@@ -25,3 +25,41 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 ROLES = ("system", "user", "assistant")
+
+# Written beside the weights of every chat-trained output (model or adapter), so that inference can
+# tell whether the template it renders with is the one those weights learned.
+TEMPLATE_RECORD = "huayu_chat_template.json"
+
+
+def template_sha256(template: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(template.encode("utf-8")).hexdigest()
+
+
+def write_template_record(directory, tokenizer) -> None:
+    import json
+    from pathlib import Path
+
+    record = {"chat_template_sha256": template_sha256(tokenizer.chat_template),
+              "note": "the chat template this model's weights were fine-tuned with"}
+    Path(directory, TEMPLATE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def template_mismatch(tokenizer, weights_dir) -> str | None:
+    """Why the tokenizer's template is not the one the weights in `weights_dir` were trained with,
+    or None when it is (or when no record says otherwise)."""
+    import json
+    from pathlib import Path
+
+    path = Path(weights_dir, TEMPLATE_RECORD)
+    if not path.exists():
+        return None
+    trained = json.loads(path.read_text(encoding="utf-8")).get("chat_template_sha256")
+    if not tokenizer.chat_template:
+        return f"'{weights_dir}' was fine-tuned with a chat template, but the tokenizer loaded for it has none"
+    if trained != template_sha256(tokenizer.chat_template):
+        return (f"the tokenizer's chat template differs from the one '{weights_dir}' was fine-tuned with "
+                f"(sha256 {trained[:12]}… recorded in {TEMPLATE_RECORD}): replies will be rendered in a format "
+                "the model did not learn; use the tokenizer saved with the model")
+    return None

@@ -118,6 +118,24 @@ def load_for_inference(spec: str, adapter: str | None = None, dtype=None):
     return tokenizer, load_model(spec, tokenizer, dtype=dtype, adapter=adapter)
 
 
+QUANTIZATIONS = ("int8",)
+
+
+def quantize_for_inference(model, quantization: str | None):
+    """`model` with its Linear layers quantized on loading: "int8" is torch's dynamic int8
+    (int8 weights, activations quantized per batch), which runs on any CPU. None: unchanged."""
+    if quantization is None:
+        return model
+    if quantization not in QUANTIZATIONS:
+        raise HuayuError(f"quantization must be one of {', '.join(QUANTIZATIONS)} (or None), got {quantization!r}")
+    import torch
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():  # torch deprecates quantized tensors in favour of torchao
+        warnings.simplefilter("ignore", UserWarning)
+        return quantize_dynamic(model.float(), {torch.nn.Linear}, dtype=torch.qint8)
+
+
 @contextlib.contextmanager
 def peft_quietly():
     """Silence the FutureWarning peft triggers on every wrap (its use of transformers'

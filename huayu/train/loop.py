@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from huayu.config import field_doc, save_config
+from huayu.data.templates import write_template_record
 from huayu.train.schedules import SCHEDULES, lr_multiplier
 
 CHECKPOINTS = "checkpoints"
@@ -140,14 +141,22 @@ def _rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "python": random.getstate()}
 
 
-def _save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler, cfg, keep: int):
+def _save_weights(directory: Path, model, tokenizer, chat_trained: bool) -> None:
+    """Model (or adapter) and tokenizer; for chat training also the record of its template."""
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    if chat_trained:
+        write_template_record(directory, tokenizer)
+
+
+def _save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler, cfg, keep: int,
+                     chat_trained: bool):
     """Write `out/checkpoints/step-N` atomically: build it under a temp name, then rename. For a
     peft model the weights are its adapter; resuming puts it back on the run's base model."""
     root = out / CHECKPOINTS
     final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    _save_weights(tmp, model, tokenizer, chat_trained)
     save_config(cfg, tmp / "config.yaml")
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": _rng_state()}, tmp / STATE_FILE)
@@ -157,14 +166,13 @@ def _save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, schedule
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _save_final(out: Path, model, tokenizer) -> None:
+def _save_final(out: Path, model, tokenizer, chat_trained: bool) -> None:
     """Save the final model into `out/`, each file moved into place atomically. A peft model
     saves its adapter (adapter_config.json + adapter_model.safetensors), which with the tokenizer
     beside it loads with `PeftModel.from_pretrained(base, out)` or `huayu chat out`."""
     tmp = out / ".tmp-final"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    _save_weights(tmp, model, tokenizer, chat_trained)
     for f in tmp.iterdir():
         os.replace(f, out / f.name)
     tmp.rmdir()
@@ -178,8 +186,9 @@ def _make_optimizer(model, args: TrainArgs):
 
 
 def fit(model, tokenizer, examples: list, collate, args: TrainArgs, out: str | Path, cfg,
-        eval_examples: list | None = None, resume_from: Path | None = None) -> dict:
-    """Train `model` on `examples`; return the final metrics (train_loss, eval_loss, steps, ...)."""
+        eval_examples: list | None = None, resume_from: Path | None = None, chat_trained: bool = False) -> dict:
+    """Train `model` on `examples`; return the final metrics (train_loss, eval_loss, steps, ...).
+    `chat_trained`: the examples were rendered with the tokenizer's chat template (recorded)."""
     from tqdm.auto import tqdm
 
     out = Path(out)
@@ -243,9 +252,10 @@ def fit(model, tokenizer, examples: list, collate, args: TrainArgs, out: str | P
             log.write(step, eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
             tqdm.write(f"step {step}: eval_loss {eval_loss:.4f} ppl {math.exp(min(eval_loss, 50)):.2f}")
         if (args.save_every and step % args.save_every == 0) or step == steps:
-            _save_checkpoint(out, step, model, tokenizer, optimizer, scheduler, cfg, args.keep_checkpoints)
+            _save_checkpoint(out, step, model, tokenizer, optimizer, scheduler, cfg, args.keep_checkpoints,
+                             chat_trained)
     bar.close()
-    _save_final(out, model, tokenizer)
+    _save_final(out, model, tokenizer, chat_trained)
     log.plot(out / "loss_curve.png")
     log.tb.close()
     result = {"steps": steps, "train_loss": last_loss}

@@ -159,4 +159,4 @@ def add_arguments(parser) -> None:
 def run(args) -> None:
     cfg = config_from_args(SftConfig, args)
     check(cfg)
-    run_stage(cfg, lambda tok: build_examples(cfg, tok))
+    run_stage(cfg, lambda tok: build_examples(cfg, tok), chat_trained=True)

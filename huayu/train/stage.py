@@ -51,9 +51,10 @@ def check(cfg: StageConfig) -> None:
                          "or choose another --out")
 
 
-def run_stage(cfg: StageConfig, build_examples) -> dict:
+def run_stage(cfg: StageConfig, build_examples, chat_trained: bool = False) -> dict:
     """Load the tokenizer and model (from the last checkpoint when resuming), build the examples
-    with `build_examples(tokenizer) -> (train, valid or None)`, and train."""
+    with `build_examples(tokenizer) -> (train, valid or None)`, and train. `chat_trained`: the
+    examples are rendered with the chat template, which the outputs then record."""
     from huayu.models.loading import count_parameters, load_tokenizer
 
     check(cfg)
@@ -73,7 +74,7 @@ def run_stage(cfg: StageConfig, build_examples) -> dict:
     from huayu.data.batching import pad_collate
 
     return fit(model, tokenizer, train, pad_collate(tokenizer.pad_token_id), cfg.train, cfg.out, cfg,
-               eval_examples=valid, resume_from=ckpt)
+               eval_examples=valid, resume_from=ckpt, chat_trained=chat_trained)
 
 
 def trainable_model(cfg: StageConfig, tokenizer, ckpt: Path | None):
