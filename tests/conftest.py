@@ -65,3 +65,22 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def lively_model_dir(tmp_path_factory, tokenizer):
+    """The tiny model with large random weights, so that greedy decoding wanders over the
+    vocabulary instead of repeating one token: decoders can then be compared token by token."""
+    import torch
+
+    from huayu.models.loading import load_model
+
+    path = tmp_path_factory.mktemp("lively")
+    model = load_model("tiny", tokenizer, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

@@ -1,0 +1,223 @@
+"""Continuous batching for decoder models: one forward pass per step for every request in flight.
+
+Requests that arrive while others are generating are prefilled at the next step and join the
+running batch there, instead of waiting for the batch to finish; finished or cancelled requests
+leave it at once, freeing their slot. The running batch shares one key/value cache, left-padded:
+each row has its own length, an attention mask hides its padding and position ids count its real
+tokens, so every row computes what it would compute alone.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from huayu.serve.sampling import SamplingParams, choose_tokens
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the engine was told to hold."""
+
+
+@dataclass
+class Event:
+    """What the engine tells a request's owner: new text, the end (with why), or a failure."""
+    text: str = ""
+    finish_reason: str | None = None   # "stop", "length"
+    error: str | None = None
+
+
+@dataclass
+class Request:
+    """One sequence to generate; `emit` is called from the engine's thread."""
+    prompt: list[int]
+    params: SamplingParams
+    emit: Callable[[Event], None]
+    out: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0                       # characters of `text` already emitted
+    finish_reason: str | None = None
+    cancelled: bool = False
+    generator: torch.Generator | None = None
+
+    def cancel(self) -> None:
+        """Stop generating (e.g. the client went away); the engine drops it at its next step."""
+        self.cancelled = True
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """How many trailing characters might begin a stop string (or an incomplete character)."""
+    held = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return max(held, 1 if text.endswith("\ufffd") else 0)
+
+
+def _left_pad(kv, mask, width: int):
+    extra = width - mask.shape[1]
+    if extra == 0:
+        return kv, mask
+    pad = [(torch.nn.functional.pad(k, (0, 0, extra, 0)), torch.nn.functional.pad(v, (0, 0, extra, 0))) for k, v in kv]
+    return pad, torch.nn.functional.pad(mask, (extra, 0))
+
+
+class Engine:
+    """Admits requests into a running batch of at most `max_batch_size`; at most `max_waiting`
+    more may wait for a slot, beyond that `submit` raises QueueFull."""
+
+    def __init__(self, model, tokenizer, eos_ids: list[int], max_positions: int,
+                 max_batch_size: int = 16, max_waiting: int = 64):
+        self.model, self.tokenizer, self.eos_ids = model.eval(), tokenizer, list(eos_ids)
+        self.max_positions, self.max_batch_size, self.max_waiting = max_positions, max_batch_size, max_waiting
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.mask: torch.Tensor | None = None
+        self.wakeup = threading.Condition()
+        self.counters = dict(steps=0, generated_tokens=0, finished=0, cancelled=0, largest_batch=0)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # -- the owner's side ---------------------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        with self.wakeup:
+            if len(self.waiting) >= self.max_waiting:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+            if request.params.seed is not None:
+                request.generator = torch.Generator().manual_seed(request.params.seed)
+            self.waiting.append(request)
+            self.wakeup.notify()
+
+    def stats(self) -> dict:
+        return {"running": len(self.running), "waiting": len(self.waiting), **self.counters}
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._serve, name="huayu-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self.wakeup:
+            self._stopping = True
+            self.wakeup.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _serve(self) -> None:
+        while not self._stopping:
+            if not self.step():
+                with self.wakeup:
+                    if not self.waiting and not self._stopping:
+                        self.wakeup.wait(timeout=0.5)
+
+    # -- one step -------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """Decode one token for every running request and prefill those admitted now; False when
+        there was nothing to do."""
+        self._retire(cancelled_too=True)
+        with self.wakeup:
+            for r in [r for r in self.waiting if r.cancelled]:
+                self.waiting.remove(r)
+                self.counters["cancelled"] += 1
+            free = self.max_batch_size - len(self.running)
+            admitted = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
+        if not admitted and not self.running:
+            return False
+        try:
+            with torch.inference_mode():
+                if self.running:
+                    self._decode()
+                if admitted:
+                    self._prefill(admitted)
+        except Exception as exc:  # a failed forward fails the requests in it, not the server
+            for r in self.running + admitted:
+                r.emit(Event(error=f"generation failed: {type(exc).__name__}: {exc}"))
+            self.running, self.kv, self.mask = [], None, None
+            return True
+        self.counters["steps"] += 1
+        self.counters["largest_batch"] = max(self.counters["largest_batch"], len(self.running))
+        self._retire()
+        return True
+
+    def _forward(self, ids, mask, positions, kv):
+        """Last-position logits and the grown cache. transformers 5 renamed `past_key_values` to
+        `cache`; both are understood."""
+        import inspect
+
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=kv) if kv is not None else DynamicCache()
+        name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=1, **{name: cache})
+        return out.logits[:, -1], [(layer.keys, layer.values) for layer in getattr(out, name).layers]
+
+    def _decode(self) -> None:
+        rows = self.running
+        ids = torch.tensor([[r.out[-1]] for r in rows])
+        mask = torch.cat([self.mask, torch.ones(len(rows), 1, dtype=self.mask.dtype)], dim=1)
+        positions = torch.tensor([[len(r.prompt) + len(r.out) - 1] for r in rows])
+        logits, self.kv = self._forward(ids, mask, positions, self.kv)
+        self.mask = mask
+        self._advance(rows, logits)
+
+    def _prefill(self, new: list[Request]) -> None:
+        width = max(len(r.prompt) for r in new)
+        ids = torch.tensor([[self.pad_id] * (width - len(r.prompt)) + r.prompt for r in new])
+        mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in new])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, kv = self._forward(ids, mask, positions, None)
+        if self.kv is None:
+            self.kv, self.mask = kv, mask
+        else:
+            width = max(self.mask.shape[1], mask.shape[1])
+            (old_kv, old_mask), (kv, mask) = _left_pad(self.kv, self.mask, width), _left_pad(kv, mask, width)
+            self.kv = [(torch.cat([k0, k1]), torch.cat([v0, v1])) for (k0, v0), (k1, v1) in zip(old_kv, kv)]
+            self.mask = torch.cat([old_mask, mask])
+        self.running = self.running + new
+        self._advance(new, logits)
+
+    def _advance(self, rows: list[Request], logits: torch.Tensor) -> None:
+        tokens = choose_tokens(logits, [r.params for r in rows], [r.generator for r in rows],
+                               [r.prompt + r.out for r in rows], [r.out for r in rows], self.eos_ids)
+        for r, token in zip(rows, tokens):
+            self._append(r, token)
+        self.counters["generated_tokens"] += len(rows)
+
+    def _append(self, r: Request, token: int) -> None:
+        r.out.append(token)
+        p = r.params
+        if token in self.eos_ids and not p.ignore_eos:
+            r.finish_reason = "stop"
+        else:
+            r.text = self.tokenizer.decode(r.out, skip_special_tokens=True)
+            hits = [i for i in (r.text.find(s) for s in p.stop) if i >= 0]
+            if hits:
+                r.text, r.finish_reason = r.text[:min(hits)], "stop"
+            elif len(r.out) >= p.max_tokens or len(r.prompt) + len(r.out) >= self.max_positions:
+                r.finish_reason = "length"
+        end = len(r.text) if r.finish_reason else len(r.text) - _held_back(r.text, p.stop)
+        if end > r.sent or r.finish_reason:
+            r.emit(Event(text=r.text[r.sent:end], finish_reason=r.finish_reason))
+            r.sent = max(r.sent, end)
+
+    def _retire(self, cancelled_too: bool = False) -> None:
+        """Drop finished (and cancelled) rows from the batch and its cache; trim shared padding."""
+        gone = [i for i, r in enumerate(self.running) if r.finish_reason or (cancelled_too and r.cancelled)]
+        if not gone:
+            return
+        for i in gone:
+            self.counters["finished" if self.running[i].finish_reason else "cancelled"] += 1
+        keep = [i for i in range(len(self.running)) if i not in set(gone)]
+        self.running = [self.running[i] for i in keep]
+        if not keep:
+            self.kv, self.mask = None, None
+            return
+        index = torch.tensor(keep)
+        mask = self.mask[index]
+        first = int(mask.any(0).nonzero()[0])
+        self.kv = [(k[index, :, first:], v[index, :, first:]) for k, v in self.kv]
+        self.mask = mask[:, first:]
+

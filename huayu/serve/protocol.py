@@ -1,0 +1,136 @@
+"""The OpenAI request schemas `huayu serve` accepts, and its errors in OpenAI's format.
+
+Requests are validated strictly, as OpenAI does: an unknown field, a role other than system /
+developer / user / assistant, empty messages or an out-of-range parameter is a 400 whose body names
+the field (`{"error": {"message", "type", "param", "code"}}`). Parameters OpenAI has but huayu does
+not implement (tools, logprobs, ...) are refused by name rather than ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from huayu.serve.sampling import SamplingParams
+
+
+class APIError(Exception):
+    """An error answered as `{"error": {...}}` with HTTP status `status`."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def validation_error(errors: list[dict]) -> APIError:
+    """The first pydantic error as an OpenAI 400 naming its field (`messages.0.role`, `top_p`)."""
+    e = errors[0]
+    if e["type"] == "json_invalid":
+        return APIError(400, f"the request body is not valid JSON: {e.get('ctx', {}).get('error', e['msg'])}",
+                        code="invalid_json")
+    loc = [str(x) for x in e["loc"] if x != "body"]
+    param = ".".join(loc) or None
+    if e["type"] == "extra_forbidden":
+        return APIError(400, f"Unrecognized request argument supplied: {param}", param=param,
+                        code="unknown_parameter")
+    if e["type"] == "missing":
+        return APIError(400, f"Missing required parameter: '{param}'", param=param, code="missing_required_parameter")
+    if e["type"] == "literal_error" and loc[-1:] == ["role"]:
+        return APIError(400, f"{param}: unknown role {e['input']!r}; expected system, developer, user or assistant",
+                        param=param, code="invalid_value")
+    where = f"{param}: " if param else "the request body: "
+    return APIError(400, f"{where}{e['msg']} (got {e.get('input')!r})"[:500], param=param, code="invalid_value")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+# Accepted by name so that they can be refused by name (see `unsupported`).
+UNSUPPORTED = ("logprobs", "top_logprobs", "logit_bias", "tools", "tool_choice", "functions",
+               "function_call", "response_format", "best_of", "echo", "suffix")
+
+
+class Decoding(Strict):
+    """The sampling parameters both endpoints share; top_k, repetition_penalty and ignore_eos are
+    extensions (as in vLLM), passed with the openai client's `extra_body`."""
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=8)
+    stop: str | list[str] | None = Field(None, max_length=4)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    top_k: int = Field(0, ge=0)
+    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    ignore_eos: bool = False
+    logprobs: Any = None
+    top_logprobs: Any = None
+    logit_bias: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    best_of: Any = None
+    echo: Any = None
+    suffix: Any = None
+
+    def unsupported(self) -> None:
+        for name in UNSUPPORTED:
+            value = getattr(self, name)
+            harmless = value in (None, False) or (name == "response_format" and value == {"type": "text"}) \
+                or (name == "best_of" and value == 1)
+            if not harmless:
+                raise APIError(400, f"'{name}' is not supported by huayu serve", param=name, code="unsupported_parameter")
+
+    def sampling(self, max_tokens: int) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+                              top_k=self.top_k, repetition_penalty=self.repetition_penalty,
+                              frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
+                              stop=[s for s in stop if s], seed=self.seed, ignore_eos=self.ignore_eos)
+
+
+class ChatRequest(Decoding):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    def messages_for_template(self) -> list[dict]:
+        """Role/content dicts for the chat template; OpenAI's `developer` is the system role."""
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+
+class CompletionRequest(Decoding):
+    prompt: str | list[str] = Field(min_length=1)
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else self.prompt

@@ -1,0 +1,88 @@
+"""Next-token choice for a batch whose rows each have their own sampling parameters.
+
+One step treats every row at once (penalties, temperature, top-k, top-p as tensor operations);
+only the final draw loops over rows, so that a row with a seed draws from its own generator and
+gives the same tokens whichever other requests share its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 64
+    temperature: float = 1.0            # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0                      # 0: off
+    repetition_penalty: float = 1.0     # transformers' definition, over prompt and output
+    frequency_penalty: float = 0.0      # OpenAI's definitions, over the output
+    presence_penalty: float = 0.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def penalised(self) -> bool:
+        return self.repetition_penalty != 1 or self.frequency_penalty != 0 or self.presence_penalty != 0
+
+
+def _column(values, dtype=torch.float32) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype).unsqueeze(1)
+
+
+def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], histories: list[list[int]],
+                    outputs: list[list[int]]) -> torch.Tensor:
+    """Repetition penalty over each row's prompt + output, frequency and presence over its output."""
+    if not any(p.penalised for p in params):
+        return logits
+    rows, vocab = logits.shape
+    seen = torch.zeros(rows, vocab, dtype=torch.bool)
+    counts = torch.zeros(rows, vocab)
+    for i, (history, out) in enumerate(zip(histories, outputs)):
+        seen[i, history] = True
+        if out:
+            counts[i].index_add_(0, torch.tensor(out), torch.ones(len(out)))
+    rep = _column([p.repetition_penalty for p in params])
+    logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    logits = logits - counts * _column([p.frequency_penalty for p in params])
+    return logits - (counts > 0) * _column([p.presence_penalty for p in params])
+
+
+def _filter_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted logits with the tokens outside each row's top-k / top-p set to -inf, their ids)."""
+    ordered, ids = torch.sort(logits, dim=-1, descending=True)
+    probs = ordered.softmax(-1)
+    before = probs.cumsum(-1) - probs               # mass of the tokens ranked above each one
+    drop = before > _column([p.top_p for p in params])
+    k = _column([p.top_k or logits.shape[-1] for p in params], torch.long)
+    drop |= torch.arange(logits.shape[-1]).unsqueeze(0) >= k
+    return ordered.masked_fill(drop, float("-inf")), ids
+
+
+def choose_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+                  histories: list[list[int]], outputs: list[list[int]], banned: list[int]) -> list[int]:
+    """One token per row of `logits` (rows × vocab). `banned` ids (eos for ignore_eos rows) are
+    excluded for the rows that ask for it."""
+    logits = apply_penalties(logits.float(), params, histories, outputs)
+    if banned and any(p.ignore_eos for p in params):
+        rows = torch.tensor([p.ignore_eos for p in params])
+        logits[rows.nonzero().squeeze(1).unsqueeze(1), torch.tensor(banned)] = float("-inf")
+    chosen = logits.argmax(-1).tolist()
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if sampled:
+        sub = [params[i] for i in sampled]
+        scaled = logits[sampled] / _column([p.temperature for p in sub])
+        ordered, ids = _filter_top_k_top_p(scaled, sub)
+        probs = ordered.softmax(-1)
+        for row, i in enumerate(sampled):
+            pick = torch.multinomial(probs[row], 1, generator=generators[i])
+            chosen[i] = int(ids[row, pick])
+    return chosen

@@ -1,0 +1,283 @@
+"""`huayu serve`: an OpenAI-compatible HTTP API over the continuous-batching engine.
+
+Endpoints: POST /v1/chat/completions and /v1/completions (streamed as server-sent events ending in
+`data: [DONE]`, or whole), GET /v1/models and /health. Every error is OpenAI's JSON shape. A
+streaming client that disconnects cancels its request, which leaves the batch at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import Request as HTTPRequest  # at module level: FastAPI resolves annotations here
+
+from huayu.config import add_config_arguments, config_from_args, field_doc
+from huayu.errors import HuayuError
+from huayu.serve.engine import Engine, QueueFull, Request
+from huayu.serve.protocol import APIError, ChatRequest, CompletionRequest, Decoding, validation_error
+
+
+@dataclass
+class ServeConfig:
+    model: str = field_doc("model directory (or an adapter directory whose base is known)", positional=True,
+                           default=None)
+    adapter: str | None = field_doc("LoRA or prefix adapter directory applied on top of MODEL", default=None)
+    quantization: str | None = field_doc("quantize on loading: int8", default=None)
+    host: str = field_doc("address to listen on", default="127.0.0.1")
+    port: int = field_doc("port to listen on", default=8000)
+    api_key: str | None = field_doc("require `Authorization: Bearer KEY` on /v1/*", default=None)
+    served_model_name: str | None = field_doc("the model id clients pass (default: MODEL's directory name)",
+                                              default=None)
+    max_batch_size: int = field_doc("requests decoded together at most", default=16)
+    max_queue: int = field_doc("requests waiting for a batch slot at most; beyond it: 503", default=64)
+    default_max_tokens: int = field_doc("max_tokens of a request that gives none (capped by the context)",
+                                        default=512)
+    log_level: str = field_doc("uvicorn log level", default="info")
+
+
+class Service:
+    """The loaded model behind the endpoints: prompt encoding, limits, and running requests."""
+
+    def __init__(self, generator, engine: Engine, name: str, default_max_tokens: int):
+        self.generator, self.engine, self.name = generator, engine, name
+        self.default_max_tokens = default_max_tokens
+
+    def check_model(self, body: Decoding) -> None:
+        body.unsupported()
+        if body.model != self.name:
+            raise APIError(404, f"The model '{body.model}' does not exist; this server serves '{self.name}'",
+                           param="model", code="model_not_found")
+
+    def encode_chat(self, body: ChatRequest) -> list[int]:
+        try:
+            return self.generator.encode_chat(body.messages_for_template(), max_source_length=10 ** 9)
+        except Exception as exc:  # the model's own Jinja template refusing these messages
+            raise APIError(400, f"messages: the model's chat template cannot render them: {exc}", param="messages",
+                           code="invalid_value") from None
+
+    def max_tokens(self, prompt: list[int], requested: int | None, param: str) -> int:
+        context, used = self.engine.max_positions, len(prompt)
+        if used >= context:
+            raise APIError(400, f"This model's maximum context length is {context} tokens; the prompt has {used}",
+                           param=param, code="context_length_exceeded")
+        if requested is not None and used + requested > context:
+            raise APIError(400, f"This model's maximum context length is {context} tokens; the prompt has {used} "
+                           f"and max_tokens asks for {requested} more", param="max_tokens",
+                           code="context_length_exceeded")
+        return requested if requested is not None else min(self.default_max_tokens, context - used)
+
+    def start(self, prompts: list[list[int]], body: Decoding, max_tokens: list[int]):
+        """Submit every choice (each prompt n times); (queue of (choice, Event), requests)."""
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        requests = []
+        for p, (prompt, limit) in enumerate(zip(prompts, max_tokens)):
+            for j in range(body.n):
+                index = p * body.n + j
+                params = body.sampling(limit)
+                if params.seed is not None:
+                    params.seed += index
+                emit = (lambda ev, i=index: loop.call_soon_threadsafe(queue.put_nowait, (i, ev)))
+                requests.append(Request(list(prompt), params, emit))
+        try:
+            for r in requests:
+                self.engine.submit(r)
+        except QueueFull as exc:
+            for r in requests:
+                r.cancel()
+            raise APIError(503, f"the server is busy ({exc}); retry later", type="server_error",
+                           code="queue_full") from None
+        return queue, requests
+
+
+def usage(prompts: list[list[int]], requests: list[Request]) -> dict:
+    prompt = sum(len(p) for p in prompts)
+    completion = sum(len(r.out) for r in requests)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def sse(payload) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+class Reply:
+    """The shape of one endpoint's answers: chat (`message` / `delta`) or text completions."""
+
+    def __init__(self, chat: bool, model: str):
+        self.chat, self.model = chat, model
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+
+    def _envelope(self, object_: str, choices: list, **extra) -> dict:
+        return {"id": self.id, "object": object_, "created": self.created, "model": self.model,
+                "choices": choices, **extra}
+
+    def chunk(self, index: int, text: str | None = None, finish: str | None = None, role: bool = False) -> dict:
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return self._envelope("chat.completion.chunk", [choice])
+        return self._envelope("text_completion", [{"index": index, "text": text or "", "logprobs": None,
+                                                   "finish_reason": finish}])
+
+    def usage_chunk(self, counts: dict) -> dict:
+        return self._envelope("chat.completion.chunk" if self.chat else "text_completion", [], usage=counts)
+
+    def whole(self, requests: list[Request], counts: dict) -> dict:
+        if self.chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
+                        "finish_reason": r.finish_reason} for i, r in enumerate(requests)]
+            return self._envelope("chat.completion", choices, usage=counts)
+        choices = [{"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
+                   for i, r in enumerate(requests)]
+        return self._envelope("text_completion", choices, usage=counts)
+
+
+async def stream_events(reply: Reply, queue, requests, prompts, include_usage: bool):
+    """Server-sent events of every choice as the engine produces them, then usage and [DONE].
+    However the stream ends (a client gone included), its unfinished requests are cancelled."""
+    try:
+        if reply.chat:
+            for i in range(len(requests)):
+                yield sse(reply.chunk(i, role=True))
+        done = 0
+        while done < len(requests):
+            index, event = await queue.get()
+            if event.error:
+                yield sse(APIError(500, event.error, type="server_error").body())
+                break
+            if event.text:
+                yield sse(reply.chunk(index, text=event.text))
+            if event.finish_reason:
+                yield sse(reply.chunk(index, finish=event.finish_reason))
+                done += 1
+        if include_usage:
+            yield sse(reply.usage_chunk(usage(prompts, requests)))
+        yield sse("[DONE]")
+    finally:
+        for r in requests:
+            r.cancel()
+
+
+async def collect(http_request, queue, requests) -> None:
+    """Wait for every choice to finish; a client that disconnects meanwhile cancels them."""
+    done = 0
+    while done < len(requests):
+        try:
+            _, event = await asyncio.wait_for(queue.get(), timeout=0.5)
+        except asyncio.TimeoutError:
+            if await http_request.is_disconnected():
+                for r in requests:
+                    r.cancel()
+                raise APIError(499, "client disconnected") from None
+            continue
+        if event.error:
+            raise APIError(500, event.error, type="server_error")
+        done += bool(event.finish_reason)
+
+
+def create_app(service: Service, api_key: str | None = None):
+    from fastapi import Depends, FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    async def lifespan(app):
+        service.engine.start()
+        yield
+        service.engine.stop()
+
+    app = FastAPI(title="huayu serve", lifespan=lifespan)
+
+    @app.exception_handler(APIError)
+    async def api_error(_, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_, exc: RequestValidationError):
+        return await api_error(_, validation_error(exc.errors()))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_, exc: HTTPException):
+        return await api_error(_, APIError(exc.status_code, str(exc.detail)))
+
+    def authorize(http_request: HTTPRequest) -> None:
+        if api_key is None:
+            return
+        header = http_request.headers.get("authorization", "")
+        if not header.startswith("Bearer "):
+            raise APIError(401, "You didn't provide an API key: pass it as 'Authorization: Bearer KEY'",
+                           code="invalid_api_key")
+        if not hmac.compare_digest(header[len("Bearer "):].encode(), api_key.encode()):
+            raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
+
+    async def respond(http_request, body: Decoding, reply: Reply, prompts, limits):
+        queue, requests = service.start(prompts, body, limits)
+        if body.stream:
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(stream_events(reply, queue, requests, prompts, include),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        await collect(http_request, queue, requests)
+        return reply.whole(requests, usage(prompts, requests))
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat_completions(body: ChatRequest, http_request: HTTPRequest):
+        service.check_model(body)
+        prompt = service.encode_chat(body)
+        limit = service.max_tokens(prompt, body.max_completion_tokens or body.max_tokens, "messages")
+        # n choices of one prompt: the prompt counts once in usage
+        return await respond(http_request, body, Reply(True, service.name), [prompt], [limit])
+
+    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    async def completions(body: CompletionRequest, http_request: HTTPRequest):
+        service.check_model(body)
+        prompts = [service.generator.encode_text(p) for p in body.prompts()]
+        limits = [service.max_tokens(p, body.max_tokens, "prompt") for p in prompts]
+        return await respond(http_request, body, Reply(False, service.name), prompts, limits)
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models():
+        return {"object": "list", "data": [{"id": service.name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "huayu"}]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": service.name, **service.engine.stats()}
+
+    return app
+
+
+def build_service(cfg: ServeConfig) -> Service:
+    from huayu.generation import Generator
+
+    if cfg.max_batch_size < 1 or cfg.max_queue < 0 or cfg.default_max_tokens < 1:
+        raise HuayuError("--max-batch-size and --default-max-tokens must be at least 1, --max-queue at least 0")
+    gen = Generator.load(cfg.model, adapter=cfg.adapter, quantization=cfg.quantization)
+    if gen.model.config.is_encoder_decoder:
+        raise HuayuError(f"'{cfg.model}' is an encoder-decoder model, which huayu serve does not batch yet")
+    if gen.template_problem:
+        print(f"huayu serve: warning: {gen.template_problem}")
+    engine = Engine(gen.model, gen.tokenizer, gen.eos_ids, gen.max_positions, cfg.max_batch_size, cfg.max_queue)
+    name = cfg.served_model_name or Path(cfg.adapter or cfg.model).resolve().name
+    return Service(gen, engine, name, cfg.default_max_tokens)
+
+
+def add_arguments(parser) -> None:
+    add_config_arguments(parser, ServeConfig)
+
+
+def run(args) -> None:
+    import uvicorn
+
+    cfg = config_from_args(ServeConfig, args)
+    if not cfg.model:
+        raise HuayuError("pass a model directory: huayu serve MODEL")
+    service = build_service(cfg)
+    print(f"huayu serve: '{service.name}' at http://{cfg.host}:{cfg.port}/v1 (OpenAI-compatible; batch <= "
+          f"{cfg.max_batch_size}, queue <= {cfg.max_queue}{', API key required' if cfg.api_key else ''})", flush=True)
+    uvicorn.run(create_app(service, cfg.api_key), host=cfg.host, port=cfg.port, log_level=cfg.log_level)
