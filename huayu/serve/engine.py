@@ -64,8 +64,8 @@ def _left_pad(kv, mask, width: int):
 
 
 class Engine:
-    """Admits requests into a running batch of at most `max_batch_size`; at most `max_waiting`
-    more may wait for a slot, beyond that `submit` raises QueueFull."""
+    """Admits requests into a running batch of at most `max_batch_size`; while `max_waiting`
+    wait for a slot, `submit` raises QueueFull."""
 
     def __init__(self, model, tokenizer, eos_ids: list[int], max_positions: int,
                  max_batch_size: int = 16, max_waiting: int = 64):
@@ -82,13 +82,16 @@ class Engine:
         self._stopping = False
 
     # -- the owner's side ---------------------------------------------------------------------
-    def submit(self, request: Request) -> None:
+    def submit(self, *requests: Request) -> None:
+        """Queue `requests` (e.g. the n choices of one API call) together, or none of them when
+        `max_waiting` are already waiting."""
         with self.wakeup:
             if len(self.waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting")
-            if request.params.seed is not None:
-                request.generator = torch.Generator().manual_seed(request.params.seed)
-            self.waiting.append(request)
+            for r in requests:
+                if r.params.seed is not None:
+                    r.generator = torch.Generator().manual_seed(r.params.seed)
+                self.waiting.append(r)
             self.wakeup.notify()
 
     def stats(self) -> dict:

@@ -85,11 +85,8 @@ class Service:
                 emit = (lambda ev, i=index: loop.call_soon_threadsafe(queue.put_nowait, (i, ev)))
                 requests.append(Request(list(prompt), params, emit))
         try:
-            for r in requests:
-                self.engine.submit(r)
+            self.engine.submit(*requests)
         except QueueFull as exc:
-            for r in requests:
-                r.cancel()
             raise APIError(503, f"the server is busy ({exc}); retry later", type="server_error",
                            code="queue_full") from None
         return queue, requests
