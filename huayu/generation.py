@@ -133,19 +133,26 @@ class Generator:
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)
 
     def stream_ids(self, prompt: list[int], d: DecodingArgs) -> Iterator[str]:
-        """Yield text pieces of one prompt's continuation as they are generated.
+        """Yield text pieces of one prompt's continuation as they are generated. Closing the
+        iterator early (a web page cleared, a client gone) stops the generation too.
 
         Beam search only knows its best sequence at the end, so it yields the whole reply at once.
         """
         import torch
-        from transformers import TextIteratorStreamer
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         if d.num_beams > 1:
             yield self.generate_ids([prompt], d)[0]
             return
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = dict(**self._inputs([prompt], d), generation_config=self._config(d), streamer=streamer)
+        abandoned = threading.Event()
 
+        class Abandoned(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), abandoned.is_set(), dtype=torch.bool)
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = dict(**self._inputs([prompt], d), generation_config=self._config(d), streamer=streamer,
+                      stopping_criteria=StoppingCriteriaList([Abandoned()]))
         failure: list[BaseException] = []
 
         def work():
@@ -158,8 +165,11 @@ class Generator:
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
-        yield from streamer
-        thread.join()
+        try:
+            yield from streamer
+        finally:
+            abandoned.set()
+            thread.join()
         if failure:
             raise failure[0]
 

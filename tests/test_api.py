@@ -122,3 +122,15 @@ def test_serve_with_an_adapter(lively_model_dir, tmp_path):
     assert served == with_adapter.generate_ids([prompt], DecodingArgs(max_new_tokens=6))[0]
     plain = Generator.load(lively_model_dir)
     assert served != plain.generate_ids([prompt], DecodingArgs(max_new_tokens=6))[0]  # the adapter acts
+
+
+def test_closing_a_stream_early_stops_the_generation(lively_model_dir):
+    m = huayu.load(lively_model_dir)
+    m.generator.eos_ids = []  # nothing ends it but max_new_tokens or the close
+    steps = []
+    forward = m.model.forward
+    m.model.forward = lambda *a, **k: steps.append(1) or forward(*a, **k)
+    stream = m.stream_chat("你好", do_sample=False, max_new_tokens=900, repetition_penalty=1.0)
+    next(stream)
+    stream.close()
+    assert len(steps) < 100, len(steps)
