@@ -111,3 +111,12 @@ def lora_targets(model, requested: list[str]) -> list[str] | str:
         return requested
     default = family_of(model.config).lora_targets.get(model.config.model_type)
     return list(default) if default else all_linear_targets(model)
+
+
+def cache_argument(model) -> str | None:
+    """The name under which the model's forward takes its key/value cache: `cache` since
+    transformers 5.24, `past_key_values` before; None for a model that takes none."""
+    import inspect
+
+    parameters = inspect.signature(model.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)

@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from huayu.models.families import cache_argument
 from huayu.serve.sampling import SamplingParams, choose_tokens
 
 
@@ -70,6 +71,7 @@ class Engine:
     def __init__(self, model, tokenizer, eos_ids: list[int], max_positions: int,
                  max_batch_size: int = 16, max_waiting: int = 64):
         self.model, self.tokenizer, self.eos_ids = model.eval(), tokenizer, list(eos_ids)
+        self.cache_argument = cache_argument(model)
         self.max_positions, self.max_batch_size, self.max_waiting = max_positions, max_batch_size, max_waiting
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.waiting: deque[Request] = deque()
@@ -145,14 +147,11 @@ class Engine:
         return True
 
     def _forward(self, ids, mask, positions, kv):
-        """Last-position logits and the grown cache. transformers 5 renamed `past_key_values` to
-        `cache`; both are understood."""
-        import inspect
-
+        """Last-position logits and the grown cache."""
         from transformers import DynamicCache
 
         cache = DynamicCache(ddp_cache_data=kv) if kv is not None else DynamicCache()
-        name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        name = self.cache_argument
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                          logits_to_keep=1, **{name: cache})
         return out.logits[:, -1], [(layer.keys, layer.values) for layer in getattr(out, name).layers]

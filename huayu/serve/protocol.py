@@ -8,9 +8,10 @@ not implement (tools, logprobs, ...) are refused by name rather than ignored.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from huayu.serve.sampling import SamplingParams
 
@@ -35,6 +36,9 @@ def validation_error(errors: list[dict]) -> APIError:
                         code="invalid_json")
     loc = [str(x) for x in e["loc"] if x != "body"]
     param = ".".join(loc) or None
+    if e["type"] == "unsupported_parameter":
+        param = e["ctx"]["param"]
+        return APIError(400, f"'{param}' is not supported by huayu serve", param=param, code="unsupported_parameter")
     if e["type"] == "extra_forbidden":
         return APIError(400, f"Unrecognized request argument supplied: {param}", param=param,
                         code="unknown_parameter")
@@ -69,9 +73,11 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
-# Accepted by name so that they can be refused by name (see `unsupported`).
-UNSUPPORTED = ("logprobs", "top_logprobs", "logit_bias", "tools", "tool_choice", "functions",
-               "function_call", "response_format", "best_of", "echo", "suffix")
+# OpenAI parameters huayu does not implement, with the values that ask for nothing (accepted).
+UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}), "tools": (None, []),
+               "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+               "response_format": (None, {"type": "text"}), "best_of": (None, 1), "echo": (None, False),
+               "suffix": (None, "")}
 
 
 class Decoding(Strict):
@@ -92,25 +98,18 @@ class Decoding(Strict):
     top_k: int = Field(0, ge=0)
     repetition_penalty: float = Field(1.0, gt=0, le=10)
     ignore_eos: bool = False
-    logprobs: Any = None
-    top_logprobs: Any = None
-    logit_bias: Any = None
-    tools: Any = None
-    tool_choice: Any = None
-    functions: Any = None
-    function_call: Any = None
-    response_format: Any = None
-    best_of: Any = None
-    echo: Any = None
-    suffix: Any = None
 
-    def unsupported(self) -> None:
-        for name in UNSUPPORTED:
-            value = getattr(self, name)
-            harmless = value in (None, False) or (name == "response_format" and value == {"type": "text"}) \
-                or (name == "best_of" and value == 1)
-            if not harmless:
-                raise APIError(400, f"'{name}' is not supported by huayu serve", param=name, code="unsupported_parameter")
+    @model_validator(mode="before")
+    @classmethod
+    def refuse_unsupported(cls, body):
+        """Refuse an OpenAI parameter huayu does not implement by name, rather than ignore it."""
+        if isinstance(body, dict):
+            for name, harmless in UNSUPPORTED.items():
+                if name in body and body[name] not in harmless:
+                    raise PydanticCustomError("unsupported_parameter", "{param} is not supported by huayu serve",
+                                              {"param": name})
+            body = {k: v for k, v in body.items() if k not in UNSUPPORTED}
+        return body
 
     def sampling(self, max_tokens: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

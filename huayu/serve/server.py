@@ -49,7 +49,6 @@ class Service:
         self.default_max_tokens = default_max_tokens
 
     def check_model(self, body: Decoding) -> None:
-        body.unsupported()
         if body.model != self.name:
             raise APIError(404, f"The model '{body.model}' does not exist; this server serves '{self.name}'",
                            param="model", code="model_not_found")

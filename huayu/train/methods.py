@@ -10,7 +10,6 @@ options that cannot work, naming the flag.
 
 from __future__ import annotations
 
-import inspect
 import re
 from dataclasses import dataclass
 
@@ -91,7 +90,9 @@ def _lora(model, args: FinetuningArgs):
 def _prefix(model, args: FinetuningArgs):
     from peft import PrefixTuningConfig
 
-    if "past_key_values" not in inspect.signature(model.forward).parameters:
+    from huayu.models.families import cache_argument
+
+    if cache_argument(model) is None:
         raise HuayuError(f"--finetuning-type prefix needs a model that takes past key/values; "
                          f"{type(model).__name__} does not: use --finetuning-type lora")
     config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=args.pre_seq_len,
