@@ -117,7 +117,9 @@ def test_serve_with_an_adapter(lively_model_dir, tmp_path):
     assert service.name == "lora"
     body = {"model": "lora", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 6, "temperature": 0}
     with TestClient(create_app(service)) as client:
-        served = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+        answer = client.post("/v1/chat/completions", json=body).json()
+        assert "choices" in answer, answer
+        served = answer["choices"][0]["message"]["content"]
     with_adapter = Generator.load(lively_model_dir, adapter=str(tmp_path / "lora"))
     prompt = with_adapter.encode_chat(body["messages"])
     assert served == with_adapter.generate_ids([prompt], DecodingArgs(max_new_tokens=6))[0]
@@ -137,3 +139,15 @@ def test_closing_a_stream_early_stops_the_generation(lively_model_dir):
     stopped_at = len(steps)
     time.sleep(0.5)
     assert len(steps) == stopped_at < 100, (stopped_at, len(steps))
+
+
+def test_serving_a_prefix_adapter_is_a_clear_error(lively_model_dir, tmp_path):
+    from peft import PrefixTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from huayu.serve.server import ServeConfig, build_service
+
+    base = AutoModelForCausalLM.from_pretrained(lively_model_dir)
+    get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).save_pretrained(tmp_path)
+    with pytest.raises(HuayuError, match="prefix .P-Tuning v2. adapter"):
+        build_service(ServeConfig(model=lively_model_dir, adapter=str(tmp_path)))

@@ -47,7 +47,7 @@ def test_requests_joining_mid_flight_decode_exactly_as_alone(gen):
     for r, p in zip(reqs, prompts):
         assert r.out == reference(gen, p, 12) and r.finish_reason == "length"
     assert len(set(tuple(r.out) for r in reqs)) == 3 and len(set(reqs[1].out)) > 3  # not degenerate
-    assert engine.counters["largest_batch"] == 3 and engine.kv is None
+    assert engine.counters["largest_batch"] == 3 and engine.cache is None
 
 
 def test_streamed_text_is_the_decoded_output(gen):

@@ -56,6 +56,42 @@ def _held_back(text: str, stops: list[str]) -> int:
     return max(held, 1 if text.endswith("\ufffd") else 0)
 
 
+def _roomy_layer_class():
+    """transformers' DynamicLayer appending into spare room instead of concatenating: a decode
+    step writes one position in place, and the buffer doubles only when it is full."""
+    from transformers.cache_utils import DynamicLayer
+
+    class RoomyLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+                self.room = None
+            used = self.keys.shape[-2] if self.keys.numel() else 0
+            size = used + key_states.shape[-2]
+            if self.room is None or size > self.room[0].shape[-2]:
+                b, h, _, d = key_states.shape
+                room = [torch.empty(b, h, max(2 * size, 64), d, dtype=t.dtype) for t in (key_states, value_states)]
+                if used:
+                    room[0][:, :, :used], room[1][:, :, :used] = self.keys, self.values
+                self.room = room
+            self.room[0][:, :, used:size], self.room[1][:, :, used:size] = key_states, value_states
+            self.keys, self.values = self.room[0][:, :, :size], self.room[1][:, :, :size]
+            return self.keys, self.values
+
+    return RoomyLayer
+
+
+def _new_cache(kv=None):
+    """A cache of roomy layers, holding `kv` (per layer (keys, values)) when given."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = _roomy_layer_class()
+    for i, (k, v) in enumerate(kv or []):
+        cache.update(k, v, i)
+    return cache
+
+
 def _left_pad(kv, mask, width: int):
     extra = width - mask.shape[1]
     if extra == 0:
@@ -76,7 +112,7 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.cache = None                   # the running batch's key/value cache
         self.mask: torch.Tensor | None = None
         self.wakeup = threading.Condition()
         self.counters = dict(steps=0, generated_tokens=0, finished=0, cancelled=0, largest_batch=0)
@@ -139,29 +175,28 @@ class Engine:
         except Exception as exc:  # a failed forward fails the requests in it, not the server
             for r in self.running + admitted:
                 r.emit(Event(error=f"generation failed: {type(exc).__name__}: {exc}"))
-            self.running, self.kv, self.mask = [], None, None
+            self.running, self.cache, self.mask = [], None, None
             return True
         self.counters["steps"] += 1
         self.counters["largest_batch"] = max(self.counters["largest_batch"], len(self.running))
         self._retire()
         return True
 
-    def _forward(self, ids, mask, positions, kv):
-        """Last-position logits and the grown cache."""
-        from transformers import DynamicCache
-
-        cache = DynamicCache(ddp_cache_data=kv) if kv is not None else DynamicCache()
-        name = self.cache_argument
+    def _forward(self, ids, mask, positions, cache):
+        """Last-position logits; `cache` grows by the new positions."""
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         logits_to_keep=1, **{name: cache})
-        return out.logits[:, -1], [(layer.keys, layer.values) for layer in getattr(out, name).layers]
+                         logits_to_keep=1, **{self.cache_argument: cache})
+        return out.logits[:, -1]
+
+    def _kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(layer.keys, layer.values) for layer in self.cache.layers]
 
     def _decode(self) -> None:
         rows = self.running
         ids = torch.tensor([[r.out[-1]] for r in rows])
         mask = torch.cat([self.mask, torch.ones(len(rows), 1, dtype=self.mask.dtype)], dim=1)
         positions = torch.tensor([[len(r.prompt) + len(r.out) - 1] for r in rows])
-        logits, self.kv = self._forward(ids, mask, positions, self.kv)
+        logits = self._forward(ids, mask, positions, self.cache)
         self.mask = mask
         self._advance(rows, logits)
 
@@ -170,13 +205,16 @@ class Engine:
         ids = torch.tensor([[self.pad_id] * (width - len(r.prompt)) + r.prompt for r in new])
         mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in new])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, kv = self._forward(ids, mask, positions, None)
-        if self.kv is None:
-            self.kv, self.mask = kv, mask
+        cache = _new_cache()
+        logits = self._forward(ids, mask, positions, cache)
+        if self.cache is None:
+            self.cache, self.mask = cache, mask
         else:
             width = max(self.mask.shape[1], mask.shape[1])
-            (old_kv, old_mask), (kv, mask) = _left_pad(self.kv, self.mask, width), _left_pad(kv, mask, width)
-            self.kv = [(torch.cat([k0, k1]), torch.cat([v0, v1])) for (k0, v0), (k1, v1) in zip(old_kv, kv)]
+            (old_kv, old_mask) = _left_pad(self._kv(), self.mask, width)
+            new_kv, mask = _left_pad([(layer.keys, layer.values) for layer in cache.layers], mask, width)
+            self.cache = _new_cache([(torch.cat([k0, k1]), torch.cat([v0, v1]))
+                                     for (k0, v0), (k1, v1) in zip(old_kv, new_kv)])
             self.mask = torch.cat([old_mask, mask])
         self.running = self.running + new
         self._advance(new, logits)
@@ -215,11 +253,11 @@ class Engine:
         keep = [i for i in range(len(self.running)) if i not in set(gone)]
         self.running = [self.running[i] for i in keep]
         if not keep:
-            self.kv, self.mask = None, None
+            self.cache, self.mask = None, None
             return
         index = torch.tensor(keep)
         mask = self.mask[index]
         first = int(mask.any(0).nonzero()[0])
-        self.kv = [(k[index, :, first:], v[index, :, first:]) for k, v in self.kv]
+        self.cache = _new_cache([(k[index, :, first:], v[index, :, first:]) for k, v in self._kv()])
         self.mask = mask[:, first:]
 

@@ -258,7 +258,14 @@ def build_service(cfg: ServeConfig) -> Service:
         raise HuayuError(f"'{cfg.model}' is an encoder-decoder model, which huayu serve does not batch yet")
     if gen.template_problem:
         print(f"huayu serve: warning: {gen.template_problem}")
-    engine = Engine(gen.model, gen.tokenizer, gen.eos_ids, gen.max_positions, cfg.max_batch_size, cfg.max_queue)
+    model = gen.model
+    if hasattr(model, "peft_config"):  # LoRA lives inside the base model's layers: run those directly
+        if model.active_peft_config.is_prompt_learning:
+            raise HuayuError(f"'{cfg.adapter or cfg.model}' is a prefix (P-Tuning v2) adapter, whose virtual tokens "
+                             "the batching server does not handle yet: merge-free prefix adapters work with "
+                             "huayu chat, huayu webui and huayu.load()")
+        model = model.get_base_model()
+    engine = Engine(model, gen.tokenizer, gen.eos_ids, gen.max_positions, cfg.max_batch_size, cfg.max_queue)
     name = cfg.served_model_name or Path(cfg.adapter or cfg.model).resolve().name
     return Service(gen, engine, name, cfg.default_max_tokens)
 
