@@ -2,9 +2,9 @@
 
 The server is a real `huayu serve` child process on 127.0.0.1 (continuous batching, batch <= 16).
 Its model is --model, or by default the `small` preset (Llama-style, ~9.5M parameters) with a char
-tokenizer trained on the prompts; random weights decode as fast as trained ones, and every request
+tokenizer trained on the dialogues' text; random weights decode as fast as trained ones, and every request
 asks for exactly --max-tokens tokens (`ignore_eos`), so each one does the same work. Prompts are
-the first user turns of --dialogues (SmileChat), cycled.
+the first user turns of the first 200 dialogues of --dialogues (SmileChat), cycled.
 
 Per level: C asyncio clients share --requests-per-client x C requests (after 2 warm-up requests);
 requests/s and generated tokens/s are over the level's wall time; latency is each request's time to
@@ -44,25 +44,27 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def load_prompts(path: str, n: int = 200) -> list[str]:
+def load_dialogues(path: str, n: int = 2000) -> list[list[str]]:
+    """The turns of the first `n` dialogues of a conversation JSONL(.gz)."""
     if not Path(path).exists():
-        return FALLBACK_PROMPTS
-    prompts = []
+        return [FALLBACK_PROMPTS]
+    dialogues = []
     with gzip.open(path, "rt", encoding="utf-8") as f:
         for line in f:
-            turns = json.loads(line).get("conversation") or json.loads(line).get("messages") or []
-            if turns and turns[0].get("content"):
-                prompts.append(turns[0]["content"][:200])
-            if len(prompts) >= n:
+            record = json.loads(line)
+            turns = [t.get("content") or "" for t in record.get("conversation") or record.get("messages") or []]
+            if turns and turns[0]:
+                dialogues.append(turns)
+            if len(dialogues) >= n:
                 break
-    return prompts or FALLBACK_PROMPTS
+    return dialogues or [FALLBACK_PROMPTS]
 
 
-def build_model(prompts: list[str], out: Path) -> Path:
+def build_model(texts: list[str], out: Path) -> Path:
     from huayu.models.loading import count_parameters, load_model
     from huayu.tokenizer import train_tokenizer
 
-    tokenizer = train_tokenizer(prompts + FALLBACK_PROMPTS, kind="char", vocab_size=6000)
+    tokenizer = train_tokenizer(texts + FALLBACK_PROMPTS, kind="char", vocab_size=6000)
     model = load_model("small", tokenizer, seed=0)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -130,9 +132,10 @@ async def level(url: str, clients: int, total: int, prompts: list[str], max_toke
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    prompts = load_prompts(args.dialogues)
+    dialogues = load_dialogues(args.dialogues)
+    prompts = [d[0][:200] for d in dialogues][:200]
     with tempfile.TemporaryDirectory(prefix="huayu-serve-bench-") as tmp:
-        model = Path(args.model) if args.model else build_model(prompts, Path(tmp) / "model")
+        model = Path(args.model) if args.model else build_model([t for d in dialogues for t in d], Path(tmp) / "model")
         proc, url = start_server(model, args.max_batch_size)
         try:
             rows = []
