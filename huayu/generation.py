@@ -70,7 +70,10 @@ class Generator:
     """A model and its tokenizer, ready to decode."""
 
     def __init__(self, model, tokenizer):
+        from huayu.models.families import family_of
+
         self.model, self.tokenizer = model.eval(), tokenizer
+        self.family = family_of(model.config)
         self.max_positions = getattr(model.config, "max_position_embeddings", None) or getattr(
             model.config, "n_positions", 1024)
         eos = {tokenizer.eos_token_id} | set(_as_list(model.generation_config.eos_token_id))
@@ -106,7 +109,7 @@ class Generator:
 
     def _budget(self, prompt: list[int], d: DecodingArgs) -> list[int]:
         """Keep the newest tokens of `prompt` so that prompt + new tokens fit the context."""
-        room = self.max_positions - d.max_new_tokens
+        room = self.max_positions - (0 if self.family.seq2seq else d.max_new_tokens)
         if room < 1:
             raise HuayuError(f"--max-new-tokens {d.max_new_tokens} leaves no room for the prompt in the "
                              f"model's context of {self.max_positions} tokens")
@@ -129,7 +132,7 @@ class Generator:
         inputs = self._inputs(prompts, d)
         with torch.no_grad():
             out = self.model.generate(**inputs, generation_config=self._config(d))
-        new = out[:, inputs["input_ids"].shape[1]:]
+        new = self.family.new_tokens(out, inputs["input_ids"].shape[1])
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)
 
     def stream_ids(self, prompt: list[int], d: DecodingArgs) -> Iterator[str]:
@@ -179,12 +182,10 @@ class Generator:
     def encode_chat(self, messages: list[dict], max_source_length: int | None = None) -> list[int]:
         """The prompt ids for the assistant's next turn after `messages`; the first call warns if the
         chat template is not the one the model was fine-tuned with."""
-        from huayu.data.chat import encode_prompt
-
         if self.template_problem and not self._warned:
             warnings.warn(self.template_problem, TemplateWarning, stacklevel=2)
             self._warned = True
-        return encode_prompt(self.tokenizer, messages, max_source_length or self.max_positions)
+        return self.family.encode_prompt(self.tokenizer, messages, max_source_length or self.max_positions)
 
 
 def _as_list(x) -> list:

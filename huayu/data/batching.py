@@ -31,3 +31,22 @@ def pad_collate(pad_id: int):
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     return collate
+
+
+def seq2seq_collate(pad_id: int):
+    """Encoder inputs and decoder labels padded separately (labels with IGNORE); the model builds
+    its decoder inputs by shifting the labels right."""
+    import torch
+
+    def pad(rows: list, value: int):
+        out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.long)
+        for i, r in enumerate(rows):
+            out[i, :len(r)] = torch.as_tensor(r)
+        return out
+
+    def collate(examples: list[Example]) -> dict:
+        ids = pad([e.input_ids for e in examples], pad_id)
+        mask = pad([[1] * len(e.input_ids) for e in examples], 0)
+        return {"input_ids": ids, "attention_mask": mask, "labels": pad([e.labels for e in examples], IGNORE)}
+
+    return collate

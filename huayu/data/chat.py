@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from huayu.data.batching import IGNORE, Example
-from huayu.data.templates import DEFAULT_CHAT_TEMPLATE
+from huayu.data.templates import DEFAULT_CHAT_TEMPLATE, SEP
 from huayu.errors import HuayuError
 
 LOSS_ON = ("assistant", "last", "all")
@@ -120,3 +120,42 @@ def encode_prompt(tokenizer, context: list[dict], max_source_length: int) -> lis
     header_ids = tokenizer(header, add_special_tokens=False, verbose=False)["input_ids"] if header else []
     segs = _truncate_source(segs + [Segment(header_ids, len(context), False, "assistant")], max_source_length)
     return [t for s in segs for t in s.ids]
+
+
+# -- encoder-decoder models: the context is the encoder's input, the reply the decoder's -------------
+
+def _separator(tokenizer) -> str:
+    """What joins context turns in an encoder's input: the tokenizer's sep token (BERT's [SEP]),
+    huayu's <sep>, else the eos token."""
+    return tokenizer.sep_token or (SEP if SEP in tokenizer.get_vocab() else tokenizer.eos_token)
+
+
+def source_turns(tokenizer, context: list[dict]) -> list[list[int]]:
+    """Each context turn's ids, a separator after every turn but the last."""
+    sep = _separator(tokenizer)
+    texts = [m["content"] + (sep if i < len(context) - 1 else "") for i, m in enumerate(context)]
+    return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
+
+
+def encode_source(tokenizer, context: list[dict], max_source_length: int) -> list[int]:
+    """The encoder input for `context`: its turns joined by the separator, cut from the oldest turn
+    (a leading system message is kept) to `max_source_length`."""
+    segs = [Segment(ids, i, False, m["role"]) for i, (ids, m) in enumerate(zip(source_turns(tokenizer, context), context))]
+    return [t for s in _truncate_source(segs, max_source_length) for t in s.ids]
+
+
+def encode_source_target(tokenizer, messages: list[dict], max_source_length: int, max_target_length: int,
+                         max_length: int | None = None) -> Example:
+    """An encoder-decoder training example: source = the turns before the last assistant turn,
+    target = that turn + eos, cut to `max_target_length` (eos kept); `max_length` caps both together.
+    Only the reply carries loss: earlier assistant turns are context, as in EVA."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise HuayuError("a dialogue has no assistant turn to learn")
+    reply = tokenizer(messages[last]["content"], add_special_tokens=False, verbose=False)["input_ids"]
+    limit = max_length if max_length is not None else max_source_length + max_target_length
+    target = reply[:max(min(max_target_length, limit) - 1, 0)] + [tokenizer.eos_token_id]
+    context = messages[:last]
+    full_source = sum(len(ids) for ids in source_turns(tokenizer, context))
+    source = encode_source(tokenizer, context, min(max_source_length, limit - len(target)))
+    return Example(source, target, full_length=full_source + len(reply) + 1)

@@ -346,9 +346,14 @@ def _alpaca_build(raw, source: str) -> list[Dialogue]:
 
 
 def _columns_builder(prompt_column: str, response_column: str) -> Builder:
+    """Prompt from one column, or from several ("title,desc": their texts joined by newlines, as the
+    T5 chat recipe turns title + description into the input); the response from one column."""
+    prompt_columns = [c for c in prompt_column.split(",") if c]
+
     def build(raw, source: str) -> list[Dialogue]:
         record = _object(raw)
-        return [Dialogue([_message("user", _required(record, prompt_column), prompt_column),
+        prompt = "\n".join(str(_required(record, c)) for c in prompt_columns)
+        return [Dialogue([_message("user", prompt, prompt_column),
                           _message("assistant", _required(record, response_column), response_column)], source)]
 
     return build

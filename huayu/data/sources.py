@@ -15,7 +15,8 @@ class DialogueDataArgs:
                             default="auto")
     role_map: dict[str, str] = field_doc("map source roles, e.g. client=user,counselor=assistant",
                                          default_factory=dict)
-    prompt_column: str | None = field_doc("column holding the prompt (ADGEN-style data)", default=None)
+    prompt_column: str | None = field_doc("column holding the prompt (ADGEN-style data); several, comma-separated "
+                                          "(title,desc), are joined by newlines", default=None)
     response_column: str | None = field_doc("column holding the response", default=None)
     max_source_length: int = field_doc("max tokens of context (oldest turns are dropped first)", default=256)
     max_target_length: int = field_doc("max tokens of the reply", default=256)

@@ -92,15 +92,13 @@ def _load_generator(cfg: EvalConfig):
 
 def _evaluate_dialogues(cfg: EvalConfig, gen, dialogues: list) -> tuple[dict, list[dict]]:
     """Reference loss, generations and both conventions' scores; one prediction row per dialogue."""
-    from huayu.data.batching import pad_collate
-    from huayu.data.chat import encode_dialogue
     from huayu.evaluation.metrics import adgen_metrics, dialogue_metrics
     from huayu.train.loop import evaluate_loss
 
     d = cfg.dialogue
-    examples = [encode_dialogue(gen.tokenizer, x.messages, d.max_source_length, d.max_target_length, "last")
-                for x in dialogues]
-    loss = evaluate_loss(gen.model, examples, pad_collate(gen.tokenizer.pad_token_id), cfg.batch_size)
+    examples = [gen.family.encode_dialogue(gen.tokenizer, x.messages, d.max_source_length, d.max_target_length,
+                                           "last") for x in dialogues]
+    loss = evaluate_loss(gen.model, examples, gen.family.collate(gen.tokenizer.pad_token_id), cfg.batch_size)
     pairs = [_context_and_reference(x) for x in dialogues]
     hyps = _generate(cfg, gen, [context for context, _ in pairs])
     refs = [ref for _, ref in pairs]
@@ -133,6 +131,8 @@ def _general_loss(cfg: EvalConfig, gen, records: list) -> dict:
     from huayu.data.packing import pack, tokenize_records
     from huayu.train.loop import evaluate_loss
 
+    if gen.family.seq2seq:
+        raise HuayuError("--general-data measures a causal LM's loss on plain text; it needs a decoder-only model")
     if not 2 <= cfg.general_seq_len <= gen.max_positions:
         raise HuayuError(f"--general-seq-len must be between 2 and the model's context of "
                          f"{gen.max_positions} tokens, got {cfg.general_seq_len}")

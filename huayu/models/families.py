@@ -7,23 +7,59 @@ default. Code elsewhere asks `family_of(config)` (or the helpers below) instead 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from typing import Callable
 
 from huayu.errors import HuayuError
-from huayu.models.presets import DECODER_PRESETS, Preset
+from huayu.models.presets import (DECODER_PRESETS, ENCODER_DECODER_PRESETS, decoder_config,
+                                  encoder_decoder_config)
 
 
 @dataclass(frozen=True)
 class Family:
+    """What differs between model families, and nothing else: the Auto class, the presets and how
+    they are configured, LoRA's default targets, peft's task type, and how a dialogue becomes an
+    example, a prompt and a batch."""
     name: str
     auto_class: str                 # attribute of `transformers`
-    can_generate: bool
-    presets: dict[str, Preset] = field(default_factory=dict)
+    seq2seq: bool                   # encoder-decoder: the reply is the decoder's, the context the encoder's
+    presets: dict = field(default_factory=dict)
+    build_config: Callable | None = None   # (preset name, vocab size, special ids) -> config
     lora_targets: dict[str, tuple[str, ...]] = field(default_factory=dict)  # model_type -> module names
+    peft_task: str = "CAUSAL_LM"
+    default_objective: str = "causal"
 
     def auto(self):
         import transformers
         return getattr(transformers, self.auto_class)
+
+    def encode_dialogue(self, tokenizer, messages, max_source: int, max_target: int, loss_on: str = "assistant",
+                        max_length: int | None = None):
+        """A training example whose target is the last assistant turn."""
+        from huayu.data import chat
+
+        if self.seq2seq:
+            return chat.encode_source_target(tokenizer, messages, max_source, max_target, max_length)
+        return chat.encode_dialogue(tokenizer, messages, max_source, max_target, loss_on, max_length)
+
+    def encode_prompt(self, tokenizer, context: list[dict], max_source: int) -> list[int]:
+        """What the model reads before it writes the assistant's next turn."""
+        from huayu.data import chat
+
+        if self.seq2seq:
+            return chat.encode_source(tokenizer, context, max_source)
+        return chat.encode_prompt(tokenizer, context, max_source)
+
+    def collate(self, pad_id: int):
+        from huayu.data.batching import pad_collate, seq2seq_collate
+
+        return (seq2seq_collate if self.seq2seq else pad_collate)(pad_id)
+
+    def new_tokens(self, generated, prompt_width: int):
+        """The generated ids without the prompt: a decoder's output begins with the prompt, an
+        encoder-decoder's with its decoder start token (a special token, dropped when decoding)."""
+        return generated if self.seq2seq else generated[:, prompt_width:]
 
 
 # The attention projections, as in the LoRA paper (which adapts attention weights only): a small
@@ -33,18 +69,20 @@ ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 DECODER_LORA_TARGETS = {"llama": ATTENTION_PROJECTIONS, "qwen2": ATTENTION_PROJECTIONS,
                         "mistral": ATTENTION_PROJECTIONS,
                         "gpt2": ("c_attn",)}  # GPT-2's fused q/k/v projection, a Conv1D
+SEQ2SEQ_LORA_TARGETS = {"t5": ("q", "v"), "mt5": ("q", "v"),  # the LoRA paper's choice, T5's names
+                        "bart": ("q_proj", "v_proj"), "mbart": ("q_proj", "v_proj")}
 ALL_LINEAR = "all-linear"
 
-DECODER = Family("decoder", "AutoModelForCausalLM", True, DECODER_PRESETS, DECODER_LORA_TARGETS)
-FAMILIES = {f.name: f for f in (DECODER,)}
+DECODER = Family("decoder", "AutoModelForCausalLM", False, DECODER_PRESETS, decoder_config, DECODER_LORA_TARGETS)
+ENCODER_DECODER = Family("encoder-decoder", "AutoModelForSeq2SeqLM", True, ENCODER_DECODER_PRESETS,
+                         encoder_decoder_config, SEQ2SEQ_LORA_TARGETS, peft_task="SEQ_2_SEQ_LM",
+                         default_objective="span")
+FAMILIES = {f.name: f for f in (DECODER, ENCODER_DECODER)}
 
 
 def family_of(config) -> Family:
     """The family of a loaded transformers config."""
-    if getattr(config, "is_encoder_decoder", False):
-        raise HuayuError(f"model type '{config.model_type}' is encoder-decoder, which this version "
-                         "of huayu does not support yet")
-    return DECODER
+    return ENCODER_DECODER if getattr(config, "is_encoder_decoder", False) else DECODER
 
 
 def family_of_preset(name: str) -> Family | None:
@@ -52,6 +90,22 @@ def family_of_preset(name: str) -> Family | None:
         if name in fam.presets:
             return fam
     return None
+
+
+@functools.lru_cache(maxsize=64)
+def family_of_model(spec: str) -> Family:
+    """The family of MODEL as given on a command line: a preset name or a model directory."""
+    from pathlib import Path
+
+    if Path(spec, "config.json").exists():
+        from transformers import AutoConfig
+
+        return family_of(AutoConfig.from_pretrained(spec))
+    family = family_of_preset(spec)
+    if family is None:
+        raise HuayuError(f"'{spec}' is neither a model directory (with config.json) nor a preset "
+                         f"({', '.join(all_presets())})")
+    return family
 
 
 def all_presets() -> list[str]:

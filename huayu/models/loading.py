@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 from huayu.errors import HuayuError
-from huayu.models.families import all_presets, family_of, family_of_preset
+from huayu.models.families import family_of, family_of_model, family_of_preset
 
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -95,15 +95,10 @@ def _load_base(spec: str, tokenizer, dtype, seed: int):
             raise HuayuError(f"tokenizer has {len(tokenizer)} tokens but the model at '{spec}' "
                              f"has only {model.get_input_embeddings().num_embeddings} embeddings")
         return model
-    family = family_of_preset(spec)
-    if family is None:
-        raise HuayuError(f"'{spec}' is neither a model directory (with config.json) nor a preset "
-                         f"({', '.join(all_presets())})")
-    from huayu.models.presets import decoder_config
-
+    family = family_of_model(spec)
     special = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                    eos_token_id=tokenizer.eos_token_id)
-    config = decoder_config(spec, len(tokenizer), special)
+    config = family.build_config(spec, len(tokenizer), special)
     torch.manual_seed(seed)
     model = family.auto().from_config(config)
     return model.to(dtype) if dtype is not None else model

@@ -3,6 +3,9 @@
 The `tiny`/`small`/`base` presets are Llama-style decoders (RoPE, RMSNorm, SwiGLU) sized for CPU
 work; the `gpt3-*` presets reproduce the Chinese GPT-3 seed's size table as GPT-2-architecture
 configs (GPT-3 is GPT-2's block with more layers), with the seed's learning rate as a hint.
+The encoder-decoder presets are T5 v1.1 / mT5-style configs (gated-GELU MLP, relative position
+buckets): `t5-*` for CPU work, `eva*` with the layer counts, widths and heads of the EVA papers
+(their MLP widths follow T5 v1.1's ratio where we could not confirm the papers' values).
 """
 
 from __future__ import annotations
@@ -47,3 +50,34 @@ def decoder_config(name: str, vocab_size: int, special_ids: dict[str, int | None
     return GPT2Config(
         vocab_size=vocab_size, n_embd=p.hidden, n_layer=p.layers, n_head=p.heads,
         n_positions=p.max_positions, n_inner=p.intermediate, tie_word_embeddings=True, **special_ids)
+
+
+@dataclass(frozen=True)
+class Seq2SeqPreset:
+    layers: int        # encoder layers = decoder layers
+    heads: int
+    d_model: int
+    d_ff: int
+    lr: float
+    note: str
+
+
+ENCODER_DECODER_PRESETS: dict[str, Seq2SeqPreset] = {
+    "t5-tiny": Seq2SeqPreset(2, 4, 128, 256, 1e-3, "~1M parameters: tests"),
+    "t5-small": Seq2SeqPreset(4, 4, 256, 1024, 6e-4, "~9M parameters: CPU training"),
+    "eva-cpu": Seq2SeqPreset(6, 4, 256, 640, 6e-4, "EVA's shape (deep, d_ff = 2.5 d_model) scaled to ~9M for CPU"),
+    "eva2.0-base": Seq2SeqPreset(12, 12, 768, 2048, 1e-4, "EVA2.0-Base (~300M in the paper)"),
+    "eva2.0-large": Seq2SeqPreset(24, 16, 1024, 2816, 1e-4, "EVA2.0-Large (~970M in the paper)"),
+    "eva1.0": Seq2SeqPreset(24, 32, 2048, 5120, 1e-4, "EVA1.0 / EVA2.0-xLarge (2.8B)"),
+}
+
+
+def encoder_decoder_config(name: str, vocab_size: int, special_ids: dict[str, int | None]):
+    """The T5 config of preset `name`; the decoder starts from the pad token, as T5's does."""
+    from transformers import T5Config
+
+    p = ENCODER_DECODER_PRESETS[name]
+    return T5Config(vocab_size=vocab_size, d_model=p.d_model, d_ff=p.d_ff, d_kv=p.d_model // p.heads,
+                    num_layers=p.layers, num_decoder_layers=p.layers, num_heads=p.heads,
+                    feed_forward_proj="gated-gelu", tie_word_embeddings=True,
+                    decoder_start_token_id=special_ids["pad_token_id"], **special_ids)

@@ -79,9 +79,9 @@ def _full(model, args: FinetuningArgs):
 def _lora(model, args: FinetuningArgs):
     from peft import LoraConfig
 
-    from huayu.models.families import has_transposed_linears, lora_targets
+    from huayu.models.families import family_of, has_transposed_linears, lora_targets
 
-    config = LoraConfig(task_type="CAUSAL_LM", r=args.lora_rank, lora_alpha=args.lora_alpha,
+    config = LoraConfig(task_type=family_of(model.config).peft_task, r=args.lora_rank, lora_alpha=args.lora_alpha,
                         lora_dropout=args.lora_dropout, target_modules=lora_targets(model, args.lora_target),
                         fan_in_fan_out=has_transposed_linears(model))
     return _wrap(model, config, "--lora-target")
@@ -90,12 +90,12 @@ def _lora(model, args: FinetuningArgs):
 def _prefix(model, args: FinetuningArgs):
     from peft import PrefixTuningConfig
 
-    from huayu.models.families import cache_argument
+    from huayu.models.families import cache_argument, family_of
 
     if cache_argument(model) is None:
         raise HuayuError(f"--finetuning-type prefix needs a model that takes past key/values; "
                          f"{type(model).__name__} does not: use --finetuning-type lora")
-    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=args.pre_seq_len,
+    config = PrefixTuningConfig(task_type=family_of(model.config).peft_task, num_virtual_tokens=args.pre_seq_len,
                                 prefix_projection=args.prefix_projection)
     return _wrap(model, config, "--finetuning-type prefix")
 

@@ -42,10 +42,11 @@ def seq_limit(cfg: SftConfig) -> int:
 def fit_dialogue(tokenizer, messages: list[dict], cfg: SftConfig) -> tuple[Example | None, bool]:
     """(example or None, whether it was cut) of one dialogue within the length limits; None when
     it is longer than max_seq_length and skip_overlength is set."""
-    from huayu.data.chat import encode_dialogue
+    from huayu.models.families import family_of_model
 
     d, limit = cfg.dialogue, seq_limit(cfg)
-    example = encode_dialogue(tokenizer, messages, d.max_source_length, d.max_target_length, cfg.loss_on, limit)
+    example = family_of_model(cfg.model).encode_dialogue(tokenizer, messages, d.max_source_length,
+                                                         d.max_target_length, cfg.loss_on, limit)
     if cfg.skip_overlength and example.full_length > limit:
         return None, False
     return example, example.full_length > len(example.input_ids)
@@ -84,7 +85,10 @@ def dialogue_dataset(cfg: SftConfig, tokenizer, paths: list[str], split: str):
                          "turns have no reply to learn and are not used")
         return encode_dialogues(tokenizer, dialogues, cfg, split, notes)
 
-    options = {"dialogue": asdict(cfg.dialogue), "split": split, "skip_invalid": cfg.skip_invalid,
+    from huayu.models.families import family_of_model
+
+    options = {"family": family_of_model(cfg.model).name, "dialogue": asdict(cfg.dialogue), "split": split,
+               "skip_invalid": cfg.skip_invalid,
                "loss_on": cfg.loss_on, "max_seq_length": seq_limit(cfg), "skip_overlength": cfg.skip_overlength}
     return cached_dataset("sft", paths, tokenizer, options, build, cfg)
 

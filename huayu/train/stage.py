@@ -71,9 +71,10 @@ def run_stage(cfg: StageConfig, build_examples, chat_trained: bool = False) -> d
     print(f"model: {type(model).__name__} from '{source}', {cfg.finetuning.finetuning_type} fine-tuning: "
           f"{total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.2f}%); "
           f"{len(train):,} training examples")
-    from huayu.data.batching import pad_collate
+    from huayu.models.families import family_of
 
-    return fit(model, tokenizer, train, pad_collate(tokenizer.pad_token_id), cfg.train, cfg.out, cfg,
+    collate = family_of(model.config).collate(tokenizer.pad_token_id)
+    return fit(model, tokenizer, train, collate, cfg.train, cfg.out, cfg,
                eval_examples=valid, resume_from=ckpt, chat_trained=chat_trained)
 
 
