@@ -25,6 +25,7 @@ from tqdm import tqdm
 from huayu.config import ConfigError
 from huayu.data.commands import parse_role_map
 from huayu.data.formats import DIALOGUE_FORMATS, detect_format, dialogue_texts, read_dialogues, read_texts
+from huayu.data.span_corruption import sentinel_tokens
 from huayu.data.templates import (ASSISTANT, BOS, DEFAULT_CHAT_TEMPLATE, EOS, PAD, SEP, SPECIAL_TOKENS,
                                   SYSTEM, UNK, USER)
 from huayu.errors import DataError, HuayuError
@@ -38,29 +39,38 @@ META_FILE = "huayu_tokenizer.yaml"
 
 
 def train_tokenizer(texts: Iterable[str], kind: str = "char", vocab_size: int = 8000,
-                    min_frequency: int = 1, model_max_length: int = 1024) -> PreTrainedTokenizerFast:
+                    min_frequency: int = 1, model_max_length: int = 1024,
+                    sentinels: int = 0) -> PreTrainedTokenizerFast:
     """Train a tokenizer on `texts`; the special tokens take the first ids (<pad> = 0).
 
-    `vocab_size` counts the special tokens. `char` keeps the most frequent characters seen at least
-    `min_frequency` times and maps the rest to <unk>; `bpe` learns merges over UTF-8 bytes.
+    `sentinels` adds the span-corruption sentinels <extra_id_0> ... <extra_id_{N-1}> as special
+    tokens right after huayu's own, so <extra_id_i> has id len(SPECIAL_TOKENS) + i. `vocab_size`
+    counts every special token, sentinels included: it stays the size of the model's embedding, and
+    sentinels take their room from learned characters or merges.
+    `char` keeps the most frequent characters seen at least `min_frequency` times and maps the rest
+    to <unk>; `bpe` learns merges over UTF-8 bytes.
     """
-    _check_options(kind, vocab_size, min_frequency)
+    _check_options(kind, vocab_size, min_frequency, sentinels)
+    extra = sentinel_tokens(sentinels)
     build = _char_tokenizer if kind == "char" else _bpe_tokenizer
-    backend = build(texts, vocab_size, min_frequency)
-    return _wrap(backend, model_max_length)
+    backend = build(texts, vocab_size, min_frequency, SPECIAL_TOKENS + extra)
+    return _wrap(backend, model_max_length, extra)
 
 
-def _check_options(kind: str, vocab_size: int, min_frequency: int) -> None:
+def _check_options(kind: str, vocab_size: int, min_frequency: int, sentinels: int) -> None:
     if kind not in KINDS:
         raise ConfigError(f"tokenizer kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    smallest = len(SPECIAL_TOKENS) + (1 if kind == "char" else BYTE_ALPHABET_SIZE)
+    if sentinels < 0:
+        raise ConfigError(f"sentinels must be at least 0, got {sentinels}")
+    smallest = len(SPECIAL_TOKENS) + sentinels + (1 if kind == "char" else BYTE_ALPHABET_SIZE)
     if vocab_size < smallest:
-        raise ConfigError(f"vocab_size {vocab_size} is too small for a {kind} tokenizer (minimum {smallest})")
+        raise ConfigError(f"vocab_size {vocab_size} is too small for a {kind} tokenizer with {sentinels} "
+                          f"sentinels (minimum {smallest})")
     if min_frequency < 1:
         raise ConfigError(f"min_frequency must be at least 1, got {min_frequency}")
 
 
-def _char_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int):
+def _char_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int, specials: list[str]):
     """Every code point (letters, digits, spaces and newlines included) is one token.
 
     No normalizer and a decoder that concatenates tokens, so decoding gives back the exact text
@@ -72,12 +82,12 @@ def _char_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int):
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
     trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                        special_tokens=SPECIAL_TOKENS, show_progress=False)
+                                        special_tokens=specials, show_progress=False)
     tokenizer.train_from_iterator(texts, trainer)
     return tokenizer
 
 
-def _bpe_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int):
+def _bpe_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int, specials: list[str]):
     """Byte-level BPE (GPT-2 style), chosen over character BPE with byte fallback.
 
     Its base alphabet is the 256 bytes, so no text is ever <unk> and decoding is exact for any
@@ -93,13 +103,13 @@ def _bpe_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int):
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                  special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(texts, trainer)
     return tokenizer
 
 
-def _wrap(backend, model_max_length: int) -> PreTrainedTokenizerFast:
+def _wrap(backend, model_max_length: int, sentinels: list[str]) -> PreTrainedTokenizerFast:
     """Give the backend its special tokens, chat template and the settings saved with it.
 
     Right padding is the saved default; generation code switches to left padding itself.
@@ -110,7 +120,7 @@ def _wrap(backend, model_max_length: int) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token=PAD, unk_token=UNK, bos_token=BOS, eos_token=EOS,
-        extra_special_tokens=[SYSTEM, USER, ASSISTANT, SEP],
+        extra_special_tokens=[SYSTEM, USER, ASSISTANT, SEP, *sentinels],
         add_bos_token=False, add_eos_token=False,
         chat_template=DEFAULT_CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,
@@ -177,10 +187,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", nargs="+", required=True, metavar="PATH",
                         help="corpus files (.txt lines, .jsonl texts, or any dialogue format)")
     parser.add_argument("--kind", choices=KINDS, default="char", help="one token per character, or byte-level BPE")
-    parser.add_argument("--vocab-size", type=int, default=8000, help="vocabulary size, special tokens included")
+    parser.add_argument("--vocab-size", type=int, default=8000,
+                        help="vocabulary size, special tokens and sentinels included")
     parser.add_argument("--min-frequency", type=int, default=1,
                         help="char: minimum count of a kept character; bpe: minimum count of a merge")
     parser.add_argument("--text-field", help="JSON field holding the text (default: auto-detect)")
+    parser.add_argument("--sentinels", type=int, default=0, metavar="N",
+                        help="add <extra_id_0..N-1> for span-corruption pre-training (T5 uses 100)")
     parser.add_argument("--max-length", type=int, default=1024, help="model_max_length saved with the tokenizer")
     parser.add_argument("--role-map", type=parse_role_map, default=None, metavar="SRC=ROLE,...",
                         help="map dialogue roles, e.g. client=user,counselor=assistant")
@@ -194,14 +207,15 @@ def run_train(args: argparse.Namespace) -> int:
                               role_map=args.role_map)
     progress = tqdm(stats.track(texts), desc="reading texts", unit=" texts", disable=None)
     tokenizer = train_tokenizer(progress, kind=args.kind, vocab_size=args.vocab_size,
-                                min_frequency=args.min_frequency, model_max_length=args.max_length)
+                                min_frequency=args.min_frequency, model_max_length=args.max_length,
+                                sentinels=args.sentinels)
     progress.close()
     if not stats.texts:
         raise HuayuError(f"no text found in {', '.join(args.data)}")
     unk_share = stats.unk_share(tokenizer)
     meta = {
         "kind": args.kind, "vocab_size": len(tokenizer), "requested_vocab_size": args.vocab_size,
-        "min_frequency": args.min_frequency, "model_max_length": args.max_length,
+        "min_frequency": args.min_frequency, "model_max_length": args.max_length, "sentinels": args.sentinels,
         "text_field": args.text_field, "skip_invalid": args.skip_invalid,
         "sources": list(args.data),
         "texts": stats.texts, "chars": stats.chars.total(), "unk_share": round(unk_share, 6),

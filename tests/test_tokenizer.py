@@ -158,3 +158,44 @@ def test_cli_reports_an_empty_corpus(tmp_path, capsys):
     assert main(argv) == 1
     assert "no text found" in capsys.readouterr().err
     assert not (tmp_path / "tok").exists()
+
+
+SENTINELS = ["<extra_id_0>", "<extra_id_1>", "<extra_id_2>"]  # T5/mT5 names
+
+
+@pytest.mark.parametrize("kind, vocab_size", [("char", 500), ("bpe", 400)])
+def test_sentinels_are_special_tokens_after_huayus_own(kind, vocab_size, tmp_path):
+    tok = train_tokenizer(CORPUS, kind=kind, vocab_size=vocab_size, sentinels=3)
+    first = len(SPECIAL_TOKENS)
+    tok.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    for t in (tok, loaded):
+        assert t.convert_tokens_to_ids(SPECIAL_TOKENS + SENTINELS) == list(range(first + 3))
+        assert set(SENTINELS) <= set(t.all_special_tokens)
+        ids = t.encode(f"你{SENTINELS[1]}好")
+        assert ids.count(first + 1) == 1 and t.decode(ids) == f"你{SENTINELS[1]}好"  # one token, never split
+        assert t.decode(ids, skip_special_tokens=True) == "你好"
+        plain = t.encode("<extra_id_0 extra_id_1> <extra_id_>")  # look-alike text is never a sentinel
+        assert not set(plain) & set(range(first, first + 3))
+
+
+def test_vocab_size_counts_sentinels():
+    tok = train_tokenizer(["aaaabbbcc d"], kind="char", vocab_size=len(SPECIAL_TOKENS) + 5, sentinels=2)
+    assert len(tok) == len(SPECIAL_TOKENS) + 5
+    assert tok.encode("abcd") == tok.convert_tokens_to_ids(["a", "b", "c", tok.unk_token])
+
+
+@pytest.mark.parametrize("vocab_size, sentinels", [(len(SPECIAL_TOKENS) + 3, 3), (500, -1)])
+def test_bad_sentinel_options_are_config_errors(vocab_size, sentinels):
+    with pytest.raises(ConfigError, match="sentinels"):
+        train_tokenizer(CORPUS, kind="char", vocab_size=vocab_size, sentinels=sentinels)
+
+
+def test_cli_sentinels_option(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("你好，世界！\n", encoding="utf-8")
+    out = tmp_path / "tok"
+    assert main(["tokenizer", "train", "--data", str(corpus), "--out", str(out), "--sentinels", "100"]) == 0
+    assert yaml.safe_load((out / "huayu_tokenizer.yaml").read_text(encoding="utf-8"))["sentinels"] == 100
+    loaded = AutoTokenizer.from_pretrained(out)
+    assert loaded.convert_tokens_to_ids("<extra_id_99>") == len(SPECIAL_TOKENS) + 99
