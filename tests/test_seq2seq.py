@@ -98,3 +98,22 @@ def test_lora_on_an_encoder_decoder_trains_only_the_adapter(t5_dir, tmp_path):
         assert not torch.allclose(adapted(input_ids=ids, labels=ids).logits, base(input_ids=ids, labels=ids).logits)
     reply = Generator.load(t5_dir, adapter=str(out)).generate_ids([[5, 6, 7]], DecodingArgs(max_new_tokens=4))
     assert len(reply) == 1
+
+
+def test_span_corruption_pretraining_lowers_the_loss(tmp_path, capsys):
+    from conftest import TEXTS, write_texts
+
+    from huayu.tokenizer import train_tokenizer
+
+    train_tokenizer(TEXTS, kind="char", vocab_size=200, sentinels=20).save_pretrained(tmp_path / "tok")
+    corpus = write_texts(tmp_path / "t.txt")
+    out = tmp_path / "pt"
+    assert main(["pretrain", "--model", "t5-tiny", "--tokenizer", str(tmp_path / "tok"), "--data", corpus,
+                 "--seq-len", "24", "--max-steps", "30", "--batch-size", "4", "--lr", "3e-3", "--log-every", "5",
+                 "--out", str(out)]) == 0
+    assert "span-corrupted inputs of 24 tokens" in capsys.readouterr().out
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if "train_loss" in line]
+    assert log[-1]["train_loss"] < 0.7 * log[0]["train_loss"]
+    assert main(["pretrain", "--model", "t5-tiny", "--tokenizer", str(tmp_path / "tok"), "--data", corpus,
+                 "--objective", "causal", "--out", str(tmp_path / "x")]) == 1
+    assert "--objective causal does not fit 't5-tiny'" in capsys.readouterr().err

@@ -64,7 +64,7 @@ class Seq2SeqPreset:
 
 ENCODER_DECODER_PRESETS: dict[str, Seq2SeqPreset] = {
     "t5-tiny": Seq2SeqPreset(2, 4, 128, 256, 1e-3, "~1M parameters: tests"),
-    "t5-small": Seq2SeqPreset(4, 4, 256, 1024, 6e-4, "~9M parameters: CPU training"),
+    "t5-small": Seq2SeqPreset(4, 4, 256, 768, 6e-4, "~9M parameters with a 6k vocabulary: CPU training"),
     "eva-cpu": Seq2SeqPreset(6, 4, 256, 640, 6e-4, "EVA's shape (deep, d_ff = 2.5 d_model) scaled to ~9M for CPU"),
     "eva2.0-base": Seq2SeqPreset(12, 12, 768, 2048, 1e-4, "EVA2.0-Base (~300M in the paper)"),
     "eva2.0-large": Seq2SeqPreset(24, 16, 1024, 2816, 1e-4, "EVA2.0-Large (~970M in the paper)"),

@@ -1,8 +1,10 @@
-"""`huayu pretrain`: causal-LM pre-training on packed text.
+"""`huayu pretrain`: pre-training on packed text, with the objective of the model's family.
 
-Records with only a text field are continuation training; records that also carry a target
-(`tgt_txt`, as in the GPT-3 seed) are input->output training with loss on the target only. The
-packed blocks are cached on disk (huayu/data/cache.py), so a corpus is tokenized once.
+Decoder-only models learn the causal LM: records with only a text field are continuation training;
+records that also carry a target (`tgt_txt`, as in the GPT-3 seed) are input->output training with
+loss on the target only. Encoder-decoder models learn T5's span corruption: the token stream is cut
+into chunks whose corrupted form is exactly `seq_len` tokens, spans replaced by sentinels. Either
+way the examples are cached on disk (huayu/data/cache.py), so a corpus is tokenized once.
 """
 
 from __future__ import annotations
@@ -11,7 +13,11 @@ from dataclasses import dataclass
 
 from huayu.config import add_config_arguments, config_from_args, field_doc
 from huayu.data.cache import DataCacheConfig, add_no_cache_flag
+from huayu.errors import HuayuError
 from huayu.train.stage import StageConfig, run_stage
+
+
+OBJECTIVES = ("auto", "causal", "span")
 
 
 @dataclass
@@ -20,7 +26,11 @@ class PretrainConfig(DataCacheConfig, StageConfig):
     text_field: str | None = field_doc("JSON field with the text (default: text, src_txt or content)",
                                        default=None)
     target_field: str = field_doc("JSON field that makes a record input->output", default="tgt_txt")
-    seq_len: int = field_doc("tokens per packed block", default=256)
+    seq_len: int = field_doc("tokens per packed block (span: per corrupted encoder input)", default=256)
+    objective: str = field_doc(f"{' | '.join(OBJECTIVES)}; auto: the family's (causal for decoders, span for "
+                               "encoder-decoders)", default="auto")
+    noise_density: float = field_doc("span: share of tokens masked", default=0.15)
+    mean_noise_span_length: float = field_doc("span: mean length of a masked span", default=3.0)
 
 
 def block_dataset(tokenizer, paths: list[str], seq_len: int, skip_invalid: bool, cache: DataCacheConfig,
@@ -48,14 +58,55 @@ def block_dataset(tokenizer, paths: list[str], seq_len: int, skip_invalid: bool,
     return cached_dataset("blocks", paths, tokenizer, options, build, cache)
 
 
+def span_dataset(tokenizer, paths: list[str], cfg: PretrainConfig):
+    """T5 span-corruption examples of `paths` (documents joined by eos), as a cached Arrow dataset."""
+    from huayu.data.cache import cached_dataset
+    from huayu.data.packing import tokenize_records
+    from huayu.data.sources import read_text_files
+    from huayu.data.span_corruption import span_corruption_examples
+
+    def build(notes: list[str]):
+        records = read_text_files(paths, cfg.text_field, cfg.target_field, cfg.skip_invalid, report=notes.append)
+        stream = [t for ids, _ in tokenize_records(tokenizer, records) for t in ids]
+        examples = span_corruption_examples(stream, tokenizer, cfg.seq_len, cfg.noise_density,
+                                            cfg.mean_noise_span_length, seed=cfg.train.seed)
+        notes.append(f"{', '.join(paths)}: {len(records):,} records, {len(stream):,} tokens -> {len(examples):,} "
+                     f"span-corrupted inputs of {cfg.seq_len} tokens (noise {cfg.noise_density}, mean span "
+                     f"{cfg.mean_noise_span_length})")
+        return examples
+
+    options = {"text_field": cfg.text_field, "skip_invalid": cfg.skip_invalid, "seq_len": cfg.seq_len,
+               "noise_density": cfg.noise_density, "mean_noise_span_length": cfg.mean_noise_span_length,
+               "seed": cfg.train.seed}
+    return cached_dataset("span", paths, tokenizer, options, build, cfg)
+
+
+def objective(cfg: PretrainConfig) -> str:
+    """The objective to train: the family's unless given; one the family cannot learn is an error."""
+    from huayu.models.families import family_of_model
+
+    family = family_of_model(cfg.model)
+    if cfg.objective not in OBJECTIVES:
+        raise HuayuError(f"--objective must be one of {', '.join(OBJECTIVES)}, got '{cfg.objective}'")
+    chosen = family.default_objective if cfg.objective == "auto" else cfg.objective
+    if chosen != family.default_objective:
+        raise HuayuError(f"--objective {chosen} does not fit '{cfg.model}', a {family.name} model: "
+                         f"use --objective {family.default_objective}")
+    return chosen
+
+
 def build_examples(cfg: PretrainConfig, tokenizer):
     from huayu.data.cache import ArrowExamples
 
-    def blocks(paths):
+    span = objective(cfg) == "span"
+
+    def examples(paths):
+        if span:
+            return ArrowExamples(span_dataset(tokenizer, paths, cfg))
         return ArrowExamples(block_dataset(tokenizer, paths, cfg.seq_len, cfg.skip_invalid, cfg, cfg.text_field,
                                            cfg.target_field))
 
-    return blocks(cfg.data), (blocks(cfg.valid_data) if cfg.valid_data else None)
+    return examples(cfg.data), (examples(cfg.valid_data) if cfg.valid_data else None)
 
 
 def add_arguments(parser) -> None:
@@ -65,4 +116,5 @@ def add_arguments(parser) -> None:
 
 def run(args) -> None:
     cfg = config_from_args(PretrainConfig, args)
+    objective(cfg)  # before any data is read
     run_stage(cfg, lambda tok: build_examples(cfg, tok))
