@@ -16,6 +16,7 @@ from huayu.errors import HuayuError
 COMMANDS: dict[str, tuple[str, str]] = {
     "data inspect": ("huayu.data.commands:inspect", "Validate a data file and show counts and samples"),
     "data convert": ("huayu.data.commands:convert", "Convert between data formats (e.g. KdConv JSON -> EVA text)"),
+    "data knowledge": ("huayu.data.knowledge:knowledge", "Knowledge (triples or term descriptions) -> QA dialogues via templates"),
     "tokenizer train": ("huayu.tokenizer:train", "Train a Chinese tokenizer (char or BPE) in HF format"),
     "pretrain": ("huayu.train.pretrain", "Pre-train a model (causal LM with sequence packing)"),
     "sft": ("huayu.train.sft", "Supervised fine-tuning on dialogues or instructions"),
@@ -26,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("huayu.chat", "Interactive multi-turn chat in the terminal (or piped stdin)"),
     "serve": ("huayu.serve.server", "OpenAI-compatible HTTP API (/v1/chat/completions, ...) with dynamic batching"),
     "webui": ("huayu.serve.webui", "A Gradio chat page in the browser"),
+    "recipe run": ("huayu.recipes:run", "Run a multi-stage training recipe (YAML); finished stages are skipped"),
     "demo": ("huayu.demo", "Train, evaluate and chat with a tiny model on the bundled corpus"),
 }
 
