@@ -117,3 +117,31 @@ def test_span_corruption_pretraining_lowers_the_loss(tmp_path, capsys):
     assert main(["pretrain", "--model", "t5-tiny", "--tokenizer", str(tmp_path / "tok"), "--data", corpus,
                  "--objective", "causal", "--out", str(tmp_path / "x")]) == 1
     assert "--objective causal does not fit 't5-tiny'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["mt5", "bart"])
+def test_other_encoder_decoder_checkpoints_work_in_place(arch, tokenizer, tmp_path):
+    """A downloaded mT5 or BART directory takes the same path (here: tiny random ones, saved)."""
+    from transformers import BartConfig, BartForConditionalGeneration, MT5Config, MT5ForConditionalGeneration
+
+    special = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                   bos_token_id=tokenizer.bos_token_id)
+    if arch == "mt5":
+        model = MT5ForConditionalGeneration(MT5Config(vocab_size=len(tokenizer), d_model=64, d_ff=128, d_kv=16,
+                                                      num_layers=2, num_heads=4, decoder_start_token_id=0, **special))
+    else:
+        model = BartForConditionalGeneration(BartConfig(vocab_size=len(tokenizer), d_model=64, encoder_layers=2,
+                                                        decoder_layers=2, encoder_attention_heads=4,
+                                                        decoder_attention_heads=4, encoder_ffn_dim=128,
+                                                        decoder_ffn_dim=128, decoder_start_token_id=special["eos_token_id"],
+                                                        **special))
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    data = write_conversations(tmp_path / "d.jsonl")
+    for method in ("full", "lora"):
+        out = tmp_path / method
+        assert main(["sft", "--model", str(tmp_path / "base"), "--data", data, "--finetuning-type", method,
+                     "--max-steps", "3", "--batch-size", "2", "--out", str(out)]) == 0
+        gen = Generator.load(str(out)) if method == "full" else Generator.load(str(tmp_path / "base"), adapter=str(out))
+        assert len(gen.generate_ids([gen.encode_chat([{"role": "user", "content": "你好"}])],
+                                    DecodingArgs(max_new_tokens=4))) == 1
