@@ -145,3 +145,17 @@ def test_other_encoder_decoder_checkpoints_work_in_place(arch, tokenizer, tmp_pa
         gen = Generator.load(str(out)) if method == "full" else Generator.load(str(tmp_path / "base"), adapter=str(out))
         assert len(gen.generate_ids([gen.encode_chat([{"role": "user", "content": "你好"}])],
                                     DecodingArgs(max_new_tokens=4))) == 1
+
+
+def test_freeze_and_all_linear_lora_on_an_encoder_decoder(t5_dir, tokenizer):
+    from huayu.models.families import all_linear_targets, transformer_layers
+    from huayu.train.methods import FinetuningArgs, apply_finetuning
+
+    model = load_model(t5_dir, tokenizer)
+    assert transformer_layers(model)[0] == "decoder.block"  # freeze trains the layers nearest the output
+    pattern = all_linear_targets(model)
+    assert "encoder\\.block" in pattern and "decoder\\.block" in pattern
+    frozen = apply_finetuning(model, FinetuningArgs(finetuning_type="freeze", freeze_trainable_layers=1))
+    trained = {n.split(".")[:3][-1] for n, p in frozen.named_parameters() if p.requires_grad}
+    assert {n for n, p in frozen.named_parameters() if p.requires_grad} and trained == {"1"}
+    assert all(n.startswith("decoder.block.1.") for n, p in frozen.named_parameters() if p.requires_grad)

@@ -112,19 +112,27 @@ def all_presets() -> list[str]:
     return [name for fam in FAMILIES.values() for name in fam.presets]
 
 
-def transformer_layers(model) -> tuple[str, "torch.nn.ModuleList"]:
-    """(name, blocks) of the model's stack of transformer blocks.
+def layer_stacks(model) -> list[tuple[str, "torch.nn.ModuleList"]]:
+    """(name, blocks) of every stack of transformer blocks: a decoder's one, an encoder-decoder's
+    encoder and decoder stacks.
 
-    Found by shape, not by attribute name (`model.layers`, `transformer.h`, ...): the first
-    ModuleList as long as `config.num_hidden_layers`, which every causal LM in transformers has
-    (GPT-2 maps it to `n_layer`)."""
+    Found by shape, not by attribute name (`model.layers`, `transformer.h`, `decoder.block`, ...):
+    the ModuleLists as long as the config's layer count (`num_hidden_layers`, which GPT-2 maps to
+    `n_layer`, or an encoder-decoder's `num_decoder_layers` / `decoder_layers`)."""
     import torch
 
-    n = getattr(model.config, "num_hidden_layers", 0)
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and n >= 1 and len(module) == n:
-            return name, module
-    raise HuayuError(f"cannot find the {n} transformer layers of {type(model).__name__}")
+    c = model.config
+    sizes = {getattr(c, k, None) for k in ("num_hidden_layers", "num_decoder_layers", "decoder_layers")} - {None, 0}
+    stacks = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) in sizes]
+    if not stacks:
+        raise HuayuError(f"cannot find the transformer layers of {type(model).__name__}")
+    return stacks
+
+
+def transformer_layers(model) -> tuple[str, "torch.nn.ModuleList"]:
+    """The stack nearest the output: a decoder's layers, an encoder-decoder's decoder layers (what
+    `--finetuning-type freeze` trains the last of)."""
+    return layer_stacks(model)[-1]
 
 
 def linear_types() -> tuple[type, ...]:
@@ -140,7 +148,7 @@ def has_transposed_linears(model) -> bool:
     told (peft's `fan_in_fan_out`)."""
     from transformers.pytorch_utils import Conv1D
 
-    return any(isinstance(m, Conv1D) for m in transformer_layers(model)[1].modules())
+    return any(isinstance(m, Conv1D) for _, layers in layer_stacks(model) for m in layers.modules())
 
 
 def all_linear_targets(model) -> str:
@@ -148,12 +156,13 @@ def all_linear_targets(model) -> str:
     embeddings and lm_head are never adapted (whatever they are called)."""
     import re
 
-    prefix, layers = transformer_layers(model)
-    inner = sorted({name.split(".", 1)[1] for name, m in layers.named_modules()
+    stacks = layer_stacks(model)
+    inner = sorted({name.split(".", 1)[1] for _, layers in stacks for name, m in layers.named_modules()
                     if isinstance(m, linear_types()) and "." in name})
     if not inner:
         raise HuayuError(f"no linear layers found inside the transformer layers of {type(model).__name__}")
-    return rf"{re.escape(prefix)}\.\d+\.({'|'.join(map(re.escape, inner))})"
+    prefixes = "|".join(re.escape(prefix) for prefix, _ in stacks)
+    return rf"({prefixes})\.\d+\.({'|'.join(map(re.escape, inner))})"
 
 
 def lora_targets(model, requested: list[str]) -> list[str] | str:
