@@ -159,3 +159,14 @@ def test_freeze_and_all_linear_lora_on_an_encoder_decoder(t5_dir, tokenizer):
     trained = {n.split(".")[:3][-1] for n, p in frozen.named_parameters() if p.requires_grad}
     assert {n for n, p in frozen.named_parameters() if p.requires_grad} and trained == {"1"}
     assert all(n.startswith("decoder.block.1.") for n, p in frozen.named_parameters() if p.requires_grad)
+
+
+def test_prefix_tuning_on_an_encoder_decoder(t5_dir, tmp_path):
+    data = write_conversations(tmp_path / "d.jsonl")
+    out = tmp_path / "prefix"
+    assert main(["sft", "--model", t5_dir, "--data", data, "--finetuning-type", "prefix", "--pre-seq-len", "4",
+                 "--max-steps", "3", "--batch-size", "2", "--lr", "1e-2", "--out", str(out)]) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "PREFIX_TUNING" and config["task_type"] == "SEQ_2_SEQ_LM"
+    gen = Generator.load(str(out))  # the adapter names its base
+    assert len(gen.generate_ids([gen.encode_chat([{"role": "user", "content": "你好"}])], DecodingArgs(max_new_tokens=4))) == 1
