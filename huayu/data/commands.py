@@ -165,7 +165,7 @@ def run_convert(args) -> int:
           + (f"; skipped {result.skipped:,} invalid records" if args.skip_invalid else ""))
     out = Path(args.out)
     if args.split_ratio is None:
-        _write_lines(out, [line for _, line in samples])
+        write_lines(out, [line for _, line in samples], hint=", or --split-ratio to write splits into it")
         print(f"wrote {len(samples):,} samples to {out}")
     else:
         if out.exists() and not out.is_dir():
@@ -173,7 +173,7 @@ def run_convert(args) -> int:
         suffix = ".txt" if args.to == "eva" else ".jsonl"
         parts = _split(samples, args.split_ratio, args.seed)
         for name, lines in parts.items():
-            _write_lines(out / f"{name}{suffix}", lines)
+            write_lines(out / f"{name}{suffix}", lines)
         print(f"wrote to {out}: " + ", ".join(f"{name}{suffix} {len(lines):,}" for name, lines in parts.items()))
     for note, count in notes.items():
         if count or note == _REPLACED:
@@ -222,11 +222,11 @@ def _split(samples: list[tuple[str, str]], ratio: tuple[float, float, float], se
     return {name: [line for origin in keys for line in groups[origin]] for name, keys in chosen.items()}
 
 
-def _write_lines(path: Path, lines: list[str]) -> None:
+def write_lines(path: Path, lines: list[str], hint: str = "") -> None:
     """Write through a temporary file and a rename, so an interrupted run never leaves a truncated
     file that looks complete."""
     if path.is_dir():
-        raise HuayuError(f"--out {path} is a directory; give a file name, or --split-ratio to write splits into it")
+        raise HuayuError(f"--out {path} is a directory: give a file name{hint}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from huayu.config import add_config_arguments, build_config, config_from_args, field_doc
-from huayu.data.commands import _write_lines
+from huayu.data.commands import write_lines
 from huayu.data.formats import (_collect, _first_char, _Invalid, _is_json, _json_entries, _lines, _read_all,
                                 _required, _text, _type_name)
 from huayu.errors import DataError, HuayuError
@@ -271,7 +271,7 @@ def run_knowledge(args) -> int:
     if not cfg.path or not cfg.out:
         raise HuayuError("give the knowledge file and --out FILE")
     result = generate(cfg)
-    _write_lines(Path(cfg.out), [json.dumps(s, ensure_ascii=False) for s in result.samples])
+    write_lines(Path(cfg.out), [json.dumps(s, ensure_ascii=False) for s in result.samples])
     print(f"{cfg.path}: {result.kind}")
     for name, count in result.stats.items():
         if count or name in ("duplicates dropped", "invalid skipped"):
