@@ -87,11 +87,11 @@ class Generator:
         with `adapter` (LoRA or prefix) applied when given, and optionally quantized on loading."""
         from huayu.models.loading import load_for_inference, quantize_for_inference, resolve_adapter
 
-        tokenizer, model = load_for_inference(path, adapter, dtype=dtype)
+        base, adapter = resolve_adapter(path, adapter)
+        tokenizer, model = load_for_inference(base, adapter, dtype=dtype)
         if not model.can_generate():
             raise HuayuError(f"the model at '{path}' cannot generate text")
         generator = cls(quantize_for_inference(model, quantization), tokenizer)
-        base, adapter = resolve_adapter(path, adapter)
         generator.template_problem = chat_template_problem(tokenizer, adapter or base)
         return generator
 

@@ -55,16 +55,18 @@ def tokenizer(tokenizer_dir):
     return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, tokenizer):
-    """A tiny preset model saved like a downloaded checkpoint (config.json + safetensors + tokenizer)."""
+def save_preset(preset: str, tokenizer, path) -> str:
+    """A preset model saved like a downloaded checkpoint (config.json + safetensors + tokenizer)."""
     from huayu.models.loading import load_model
 
-    path = tmp_path_factory.mktemp("model")
-    model = load_model("tiny", tokenizer, seed=0)
-    model.save_pretrained(path)
+    load_model(preset, tokenizer, seed=0).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    return save_preset("tiny", tokenizer, tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="session")

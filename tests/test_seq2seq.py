@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import DIALOGUES, write_conversations
+from conftest import DIALOGUES, save_preset, write_conversations
 from test_chat_cli import chat
 
 from huayu.cli import main
@@ -18,11 +18,7 @@ from huayu.models.loading import count_parameters, load_model
 
 @pytest.fixture(scope="module")
 def t5_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("t5")
-    model = load_model("t5-tiny", tokenizer, seed=0)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return save_preset("t5-tiny", tokenizer, tmp_path_factory.mktemp("t5"))
 
 
 def test_presets_are_plain_transformers_t5_models(t5_dir, tokenizer):

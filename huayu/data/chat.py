@@ -130,18 +130,23 @@ def _separator(tokenizer) -> str:
     return tokenizer.sep_token or (SEP if SEP in tokenizer.get_vocab() else tokenizer.eos_token)
 
 
-def source_turns(tokenizer, context: list[dict]) -> list[list[int]]:
+def _source_segments(tokenizer, context: list[dict]) -> list[Segment]:
     """Each context turn's ids, a separator after every turn but the last."""
     sep = _separator(tokenizer)
     texts = [m["content"] + (sep if i < len(context) - 1 else "") for i, m in enumerate(context)]
-    return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
+    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
+    return [Segment(turn, i, False, m["role"]) for i, (turn, m) in enumerate(zip(ids, context))]
+
+
+def _cut_source(segs: list[Segment], max_source_length: int) -> list[int]:
+    """The turns cut from the oldest (a leading system message is kept) to `max_source_length`."""
+    return [t for s in _truncate_source(segs, max_source_length) for t in s.ids]
 
 
 def encode_source(tokenizer, context: list[dict], max_source_length: int) -> list[int]:
     """The encoder input for `context`: its turns joined by the separator, cut from the oldest turn
     (a leading system message is kept) to `max_source_length`."""
-    segs = [Segment(ids, i, False, m["role"]) for i, (ids, m) in enumerate(zip(source_turns(tokenizer, context), context))]
-    return [t for s in _truncate_source(segs, max_source_length) for t in s.ids]
+    return _cut_source(_source_segments(tokenizer, context), max_source_length)
 
 
 def encode_source_target(tokenizer, messages: list[dict], max_source_length: int, max_target_length: int,
@@ -155,7 +160,6 @@ def encode_source_target(tokenizer, messages: list[dict], max_source_length: int
     reply = tokenizer(messages[last]["content"], add_special_tokens=False, verbose=False)["input_ids"]
     limit = max_length if max_length is not None else max_source_length + max_target_length
     target = reply[:max(min(max_target_length, limit) - 1, 0)] + [tokenizer.eos_token_id]
-    context = messages[:last]
-    full_source = sum(len(ids) for ids in source_turns(tokenizer, context))
-    source = encode_source(tokenizer, context, min(max_source_length, limit - len(target)))
-    return Example(source, target, full_length=full_source + len(reply) + 1)
+    segs = _source_segments(tokenizer, messages[:last])
+    source = _cut_source(segs, min(max_source_length, limit - len(target)))
+    return Example(source, target, full_length=sum(len(s.ids) for s in segs) + len(reply) + 1)
