@@ -28,6 +28,8 @@ def field_doc(help: str, **kwargs) -> Any:
     metadata = {"help": help}
     if kwargs.pop("positional", False):
         metadata["positional"] = True
+    if "aliases" in kwargs:  # further flags for the field, e.g. finetune-cls's --train for --data
+        metadata["aliases"] = tuple(kwargs.pop("aliases"))
     if "default_factory" in kwargs:
         return dataclasses.field(default_factory=kwargs.pop("default_factory"), metadata=metadata)
     return dataclasses.field(default=kwargs.pop("default", None), metadata=metadata)
@@ -104,7 +106,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
         if "(default" not in help_text:
             help_text = f"{help_text} (default: {default!r})"
         if f.metadata.get("positional"):
-            parser.add_argument(name, nargs="?", default=argparse.SUPPRESS, help=help_text)
+            many = typing.get_origin(_base_type(tp)) is list
+            parser.add_argument(name, nargs="*" if many else "?", default=argparse.SUPPRESS, help=help_text)
             continue
         short = name.rsplit(".", 1)[-1]
         flags = [f"--{name}"]
@@ -112,7 +115,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
             flags += [f"--{short.replace('_', '-')}"]
         elif "_" in name:
             flags += [f"--{name.replace('_', '-')}"]
-        flags = list(dict.fromkeys(flags))
+        flags = list(dict.fromkeys(flags + list(f.metadata.get("aliases", ()))))
         kwargs: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=help_text,
                                       metavar=short.upper())
         if _base_type(tp) is bool:

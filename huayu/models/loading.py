@@ -69,19 +69,33 @@ def load_tokenizer(model: str, tokenizer: str | None = None):
 
 
 def load_model(spec: str, tokenizer, dtype=None, seed: int = 0, adapter: str | None = None,
-               trainable_adapter: bool = False):
+               trainable_adapter: bool = False, classes: list[str] | None = None):
     """A model from a local HF directory, or a freshly initialised preset sized to `tokenizer`;
     with `adapter` (or when `spec` is an adapter directory) a peft model of base + adapter, whose
-    adapter is `trainable_adapter` to resume its training."""
+    adapter is `trainable_adapter` to resume its training. With `classes`, a sequence classifier
+    over them: a pre-trained encoder keeps its body and gets a new classification head."""
     spec, adapter = resolve_adapter(spec, adapter)
     if adapter is None:
-        return _load_base(spec, tokenizer, dtype, seed)
+        return _load_base(spec, tokenizer, dtype, seed, classes)
     mismatch = _check_adapter_base(spec, adapter)  # first: a wrong base's vocabulary would fail less clearly
-    return _attach_adapter(_load_base(spec, tokenizer, dtype, seed), adapter, mismatch, trainable_adapter)
+    return _attach_adapter(_load_base(spec, tokenizer, dtype, seed, classes), adapter, mismatch, trainable_adapter)
 
 
-def _load_base(spec: str, tokenizer, dtype, seed: int):
+def is_classifier(config) -> bool:
+    """Whether a saved config is a sequence classifier's (e.g. huayu finetune-cls's output)."""
+    return any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+
+
+def _classifier_kwargs(classes: list[str] | None) -> dict:
+    if classes is None:
+        return {}
+    return {"num_labels": len(classes), "id2label": dict(enumerate(classes)),
+            "label2id": {c: i for i, c in enumerate(classes)}}
+
+
+def _load_base(spec: str, tokenizer, dtype, seed: int, classes: list[str] | None = None):
     import torch
+    import transformers
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-shard bars for tiny models are noise in huayu's output
@@ -89,8 +103,12 @@ def _load_base(spec: str, tokenizer, dtype, seed: int):
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(spec)
-        # by absolute path, so that an adapter trained on this model records where its base is
-        model = family_of(config).auto().from_pretrained(str(Path(spec).resolve()), dtype=dtype)
+        classifier = classes is not None or is_classifier(config)
+        auto = transformers.AutoModelForSequenceClassification if classifier else family_of(config).auto()
+        torch.manual_seed(seed)  # a new classification head is initialised reproducibly
+        with _quiet_new_head(classes is not None):
+            # by absolute path, so that an adapter trained on this model records where its base is
+            model = auto.from_pretrained(str(Path(spec).resolve()), dtype=dtype, **_classifier_kwargs(classes))
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             raise HuayuError(f"tokenizer has {len(tokenizer)} tokens but the model at '{spec}' "
                              f"has only {model.get_input_embeddings().num_embeddings} embeddings")
@@ -99,9 +117,26 @@ def _load_base(spec: str, tokenizer, dtype, seed: int):
     special = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                    eos_token_id=tokenizer.eos_token_id)
     config = family.build_config(spec, len(tokenizer), special)
+    for key, value in _classifier_kwargs(classes).items():
+        setattr(config, key, value)
     torch.manual_seed(seed)
-    model = family.auto().from_config(config)
+    model = (transformers.AutoModelForSequenceClassification if classes else family.auto()).from_config(config)
     return model.to(dtype) if dtype is not None else model
+
+
+@contextlib.contextmanager
+def _quiet_new_head(new_head: bool):
+    """transformers reports a classification head missing from a pre-trained checkpoint, and the
+    pre-training heads it leaves unused, as a problem; for a classifier being built it is the plan."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    if new_head:
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def load_for_inference(spec: str, adapter: str | None = None, dtype=None):

@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -45,8 +46,26 @@ class TrainArgs:
     log_every: int = field_doc("optimiser steps between log lines", default=10)
     eval_every: int = field_doc("optimiser steps between validation runs (0: at the end)", default=0)
     save_every: int = field_doc("optimiser steps between checkpoints (0: at the end only)", default=0)
-    keep_checkpoints: int = field_doc("how many step-N checkpoints to keep", default=2)
+    save_total_limit: int = field_doc("how many step-N checkpoints to keep", default=2)
     resume: bool = field_doc("continue from the last checkpoint in the output directory", default=False)
+
+
+@dataclass
+class Evaluation:
+    """A stage's own validation: `run(model)` returns its metrics (e.g. loss and accuracy); with
+    `best`, the checkpoint with the highest value of that metric is kept in `out/best` and becomes
+    the final model (transformers' load_best_model_at_end)."""
+    run: Callable[[object], dict[str, float]]
+    best: str | None = None
+
+
+LossFn = Callable[[object, dict], tuple["torch.Tensor", dict[str, float]]]  # (model, batch) -> (loss, parts)
+BEST = "best"
+
+
+def model_loss(model, batch: dict):
+    """The model's own loss, as every transformers model computes it from `labels`."""
+    return model(**batch).loss, {}
 
 
 def latest_checkpoint(out: str | Path) -> Path | None:
@@ -137,6 +156,32 @@ class _Log:
         plt.close(fig)
 
 
+class _Window:
+    """What happened since the last log line: losses (and their parts), steps, sequences, tokens."""
+
+    def __init__(self):
+        self.t0, self.steps, self.seqs, self.tokens = time.perf_counter(), 0, 0, 0
+        self.sums: dict[str, float] = {"loss": 0.0}
+
+    def add_batch(self, batch: dict, parts: dict[str, float], grad_accum: int) -> None:
+        self.seqs += len(batch["input_ids"])
+        self.tokens += int(batch["attention_mask"].sum())
+        for key, value in parts.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value / grad_accum
+
+    def add_step(self, loss: float) -> None:
+        self.steps += 1
+        self.sums["loss"] += loss
+
+    def rates(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        return {"steps_per_s": self.steps / elapsed, "seqs_per_s": self.seqs / elapsed,
+                "tokens_per_s": self.tokens / elapsed}
+
+    def summary(self) -> dict[str, float]:
+        return {**{k: v / max(self.steps, 1) for k, v in self.sums.items()}, **self.rates()}
+
+
 def _rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "python": random.getstate()}
 
@@ -166,6 +211,15 @@ def _save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, schedule
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _replace_files(source: Path, out: Path) -> None:
+    """Copy the files of `source` into `out`, each moved into place atomically."""
+    for f in source.iterdir():
+        if f.is_file():
+            tmp = out / f".tmp-{f.name}"
+            shutil.copy(f, tmp)
+            os.replace(tmp, out / f.name)
+
+
 def _save_final(out: Path, model, tokenizer, chat_trained: bool) -> None:
     """Save the final model into `out/`, each file moved into place atomically. A peft model
     saves its adapter (adapter_config.json + adapter_model.safetensors), which with the tokenizer
@@ -178,6 +232,20 @@ def _save_final(out: Path, model, tokenizer, chat_trained: bool) -> None:
     tmp.rmdir()
 
 
+def _save_best(out: Path, model, tokenizer, metrics: dict, chat_trained: bool) -> None:
+    tmp, final = out / f".tmp-{BEST}", out / BEST
+    shutil.rmtree(tmp, ignore_errors=True)
+    _save_weights(tmp, model, tokenizer, chat_trained)
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def _best_so_far(out: Path, key: str) -> float:
+    path = out / BEST / "metrics.json"
+    return json.loads(path.read_text(encoding="utf-8"))[key] if path.exists() else -math.inf
+
+
 def _make_optimizer(model, args: TrainArgs):
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
@@ -186,9 +254,12 @@ def _make_optimizer(model, args: TrainArgs):
 
 
 def fit(model, tokenizer, examples: list, collate, args: TrainArgs, out: str | Path, cfg,
-        eval_examples: list | None = None, resume_from: Path | None = None, chat_trained: bool = False) -> dict:
+        eval_examples: list | None = None, resume_from: Path | None = None, chat_trained: bool = False,
+        loss_fn: LossFn = model_loss, evaluation: Evaluation | None = None) -> dict:
     """Train `model` on `examples`; return the final metrics (train_loss, eval_loss, steps, ...).
-    `chat_trained`: the examples were rendered with the tokenizer's chat template (recorded)."""
+    `chat_trained`: the examples were rendered with the tokenizer's chat template (recorded).
+    `loss_fn` computes a batch's loss and any parts of it worth logging (MLM and SOP losses);
+    `evaluation` replaces the validation loss on `eval_examples` with the stage's own metrics."""
     from tqdm.auto import tqdm
 
     out = Path(out)
@@ -217,50 +288,66 @@ def fit(model, tokenizer, examples: list, collate, args: TrainArgs, out: str | P
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                mininterval=0.2 if sys.stderr.isatty() else 10)
     batches = _batches(len(examples), args, start * args.grad_accum)
-    window_loss, window_steps, window_tokens, t0 = 0.0, 0, 0, time.perf_counter()
-    last_loss, eval_loss = float("nan"), None
+    validates = evaluation is not None or bool(eval_examples is not None and len(eval_examples))
+    window = _Window()
+    last_loss, eval_metrics = float("nan"), None
     for step in range(start + 1, steps + 1):
         step_loss = 0.0
         for _ in range(args.grad_accum):
             _, idx = next(batches)
             batch = collate([examples[i] for i in idx])
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                loss = model(**batch).loss
+                loss, parts = loss_fn(model, batch)
             (loss / args.grad_accum).backward()
             step_loss += loss.item() / args.grad_accum
-            window_tokens += int(batch["attention_mask"].sum())
+            window.add_batch(batch, parts, args.grad_accum)
         if args.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         last_loss = step_loss
-        window_loss, window_steps = window_loss + step_loss, window_steps + 1
+        window.add_step(step_loss)
         lr = scheduler.get_last_lr()[0]
         bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}",
-                        tok_s=f"{window_tokens / (time.perf_counter() - t0):,.0f}", refresh=False)
+        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{window.rates()['tokens_per_s']:,.0f}",
+                        refresh=False)
         if step % args.log_every == 0 or step == steps:
-            elapsed = time.perf_counter() - t0
-            tok_s = window_tokens / elapsed
-            log.write(step, train_loss=window_loss / window_steps, train_lr=lr, train_tokens_per_s=tok_s)
-            tqdm.write(f"step {step}/{steps}: loss {window_loss / window_steps:.4f}  lr {lr:.2e}  "
-                       f"{tok_s:,.0f} tokens/s")
-            window_loss, window_steps, window_tokens, t0 = 0.0, 0, 0, time.perf_counter()
-        if eval_examples and ((args.eval_every and step % args.eval_every == 0) or step == steps):
-            eval_loss = evaluate_loss(model, eval_examples, collate, args.batch_size, args.bf16)
-            log.write(step, eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
-            tqdm.write(f"step {step}: eval_loss {eval_loss:.4f} ppl {math.exp(min(eval_loss, 50)):.2f}")
+            values = window.summary()
+            log.write(step, **{f"train_{k}": v for k, v in values.items()}, train_lr=lr)
+            losses = "  ".join(f"{k} {v:.4f}" for k, v in values.items() if k.endswith("loss"))
+            tqdm.write(f"step {step}/{steps}: {losses}  lr {lr:.2e}  {values['steps_per_s']:.2f} steps/s  "
+                       f"{values['seqs_per_s']:,.1f} seqs/s  {values['tokens_per_s']:,.0f} tokens/s")
+            window = _Window()
+        if validates and ((args.eval_every and step % args.eval_every == 0) or step == steps):
+            if evaluation is None:
+                eval_loss = evaluate_loss(model, eval_examples, collate, args.batch_size, args.bf16)
+                eval_metrics = {"loss": eval_loss, "ppl": math.exp(min(eval_loss, 50))}
+            else:
+                model.eval()
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                    eval_metrics = evaluation.run(model)
+                model.train()
+            log.write(step, **{f"eval_{k}": v for k, v in eval_metrics.items()})
+            tqdm.write(f"step {step}: " + "  ".join(f"eval_{k} {v:.4f}" for k, v in eval_metrics.items()))
+            if evaluation is not None and evaluation.best and eval_metrics[evaluation.best] > _best_so_far(
+                    out, evaluation.best):
+                _save_best(out, model, tokenizer, {"step": step, **eval_metrics}, chat_trained)
+                tqdm.write(f"step {step}: best {evaluation.best} so far, saved to {out / BEST}")
         if (args.save_every and step % args.save_every == 0) or step == steps:
-            _save_checkpoint(out, step, model, tokenizer, optimizer, scheduler, cfg, args.keep_checkpoints,
+            _save_checkpoint(out, step, model, tokenizer, optimizer, scheduler, cfg, args.save_total_limit,
                              chat_trained)
     bar.close()
     _save_final(out, model, tokenizer, chat_trained)
+    result = {"steps": steps, "train_loss": last_loss}
+    if eval_metrics is not None:
+        result.update({f"eval_{k}": v for k, v in eval_metrics.items()})
+    if evaluation is not None and evaluation.best and (out / BEST).is_dir():
+        _replace_files(out / BEST, out)  # the final model is the best one
+        best = json.loads((out / BEST / "metrics.json").read_text(encoding="utf-8"))
+        result.update({f"best_{k}": v for k, v in best.items()})
     log.plot(out / "loss_curve.png")
     log.tb.close()
-    result = {"steps": steps, "train_loss": last_loss}
-    if eval_loss is not None:
-        result.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
     (out / "train_result.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     print(json.dumps(result))
     return result

@@ -115,7 +115,8 @@ def _wrap(model, config, flag: str):
 
 def _freeze(model, args: FinetuningArgs):
     """Train the last N blocks and the parameters matching the patterns; the embeddings, the other
-    blocks and the final norm (unless named) stay as they are."""
+    blocks and the final norm (unless named) stay as they are. A classifier's head (everything
+    outside its base model, new when fine-tuning starts) always trains."""
     from huayu.models.families import transformer_layers
 
     prefix, layers = transformer_layers(model)
@@ -129,8 +130,10 @@ def _freeze(model, args: FinetuningArgs):
             raise HuayuError(f"--freeze-trainable-modules: '{pattern.pattern}' matches no parameter "
                              f"(names look like {names[0]}, {names[-1]})")
     last = tuple(f"{prefix}.{i}." for i in range(len(layers) - n, len(layers)))
+    head = type(model).__name__.endswith("ForSequenceClassification")
     for name, param in model.named_parameters():
-        param.requires_grad_(name.startswith(last) or any(p.search(name) for p in patterns))
+        in_head = head and not name.startswith(f"{model.base_model_prefix}.")
+        param.requires_grad_(in_head or name.startswith(last) or any(p.search(name) for p in patterns))
     return model
 
 

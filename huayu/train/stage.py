@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 from huayu.config import field_doc
 from huayu.errors import HuayuError
-from huayu.train.loop import CHECKPOINTS, TrainArgs, fit, latest_checkpoint
+from huayu.train.loop import CHECKPOINTS, Evaluation, LossFn, TrainArgs, fit, latest_checkpoint, model_loss
 from huayu.train.methods import FinetuningArgs, apply_finetuning, check_finetuning
 from huayu.train.schedules import SCHEDULES
 
@@ -24,6 +25,19 @@ class StageConfig:
                                    default=False)
     finetuning: FinetuningArgs = field_doc("which weights to train", default_factory=FinetuningArgs)
     train: TrainArgs = field_doc("optimisation", default_factory=TrainArgs)
+
+
+@dataclass
+class StageData:
+    """What a stage trains on. Without `collate`, batches are the model family's; a stage whose
+    batches or loss are its own (masked LM, classification) says so here; `classes` makes the
+    model a sequence classifier over them."""
+    train: list
+    valid: list | None = None
+    collate: Callable | None = None
+    loss_fn: LossFn = model_loss
+    evaluation: Evaluation | None = None
+    classes: list[str] | None = None
 
 
 def check(cfg: StageConfig) -> None:
@@ -53,8 +67,8 @@ def check(cfg: StageConfig) -> None:
 
 def run_stage(cfg: StageConfig, build_examples, chat_trained: bool = False) -> dict:
     """Load the tokenizer and model (from the last checkpoint when resuming), build the examples
-    with `build_examples(tokenizer) -> (train, valid or None)`, and train. `chat_trained`: the
-    examples are rendered with the chat template, which the outputs then record."""
+    with `build_examples(tokenizer) -> (train, valid or None)` or a StageData, and train.
+    `chat_trained`: the examples are rendered with the chat template, which the outputs then record."""
     from huayu.models.loading import count_parameters, load_tokenizer
 
     check(cfg)
@@ -63,33 +77,35 @@ def run_stage(cfg: StageConfig, build_examples, chat_trained: bool = False) -> d
         print(f"no checkpoint under {cfg.out}; starting from the beginning")
     source = str(ckpt) if ckpt else cfg.model
     tokenizer = load_tokenizer(source, None if ckpt else cfg.tokenizer)
-    train, valid = build_examples(tokenizer)
-    if not train:
+    data = build_examples(tokenizer)
+    data = data if isinstance(data, StageData) else StageData(*data)
+    train, valid = data.train, data.valid
+    if not len(train):
         raise HuayuError("the training data produced no examples")
-    model = trainable_model(cfg, tokenizer, ckpt)
+    model = trainable_model(cfg, tokenizer, ckpt, data.classes)
     trainable, total = count_parameters(model)
     print(f"model: {type(model).__name__} from '{source}', {cfg.finetuning.finetuning_type} fine-tuning: "
           f"{total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.2f}%); "
           f"{len(train):,} training examples")
     from huayu.models.families import family_of
 
-    collate = family_of(model.config).collate(tokenizer.pad_token_id)
-    return fit(model, tokenizer, train, collate, cfg.train, cfg.out, cfg,
-               eval_examples=valid, resume_from=ckpt, chat_trained=chat_trained)
+    collate = data.collate or family_of(model.config).collate(tokenizer.pad_token_id)
+    return fit(model, tokenizer, train, collate, cfg.train, cfg.out, cfg, eval_examples=valid, resume_from=ckpt,
+               chat_trained=chat_trained, loss_fn=data.loss_fn, evaluation=data.evaluation)
 
 
-def trainable_model(cfg: StageConfig, tokenizer, ckpt: Path | None):
+def trainable_model(cfg: StageConfig, tokenizer, ckpt: Path | None, classes: list[str] | None = None):
     """The model to train, its trainable parameters set by the fine-tuning method. Resuming, the
     weights come from the checkpoint: a full model, or an adapter put back on its base (cfg.model)
     with the same trainable parameters, so the saved optimiser state fits them."""
     from huayu.models.loading import is_adapter_dir, load_model
 
     if ckpt is None:
-        return apply_finetuning(load_model(cfg.model, tokenizer, seed=cfg.train.seed), cfg.finetuning)
+        return apply_finetuning(load_model(cfg.model, tokenizer, seed=cfg.train.seed, classes=classes), cfg.finetuning)
     check_same_method(cfg, ckpt)
     if is_adapter_dir(ckpt):
-        return load_model(cfg.model, tokenizer, adapter=str(ckpt), trainable_adapter=True)
-    return apply_finetuning(load_model(str(ckpt), tokenizer), cfg.finetuning)
+        return load_model(cfg.model, tokenizer, adapter=str(ckpt), trainable_adapter=True, classes=classes)
+    return apply_finetuning(load_model(str(ckpt), tokenizer, classes=classes), cfg.finetuning)
 
 
 def check_same_method(cfg: StageConfig, ckpt: Path) -> None:
