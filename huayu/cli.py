@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data inspect": ("huayu.data.commands:inspect", "Validate a data file and show counts and samples"),
     "data convert": ("huayu.data.commands:convert", "Convert between data formats (e.g. KdConv JSON -> EVA text)"),
     "data knowledge": ("huayu.data.knowledge:knowledge", "Knowledge (triples or term descriptions) -> QA dialogues via templates"),
+    "data index": ("huayu.data.token_store:index", "Segment and tokenize a corpus into a memory-mapped token store (ERNIE's _ids/_idx)"),
+    "data show-masked": ("huayu.data.whole_word_masking:show", "Print masked-LM training samples masked and unmasked, with their labels"),
     "tokenizer train": ("huayu.tokenizer:train", "Train a Chinese tokenizer (char or BPE) in HF format"),
     "pretrain": ("huayu.train.pretrain", "Pre-train a model (causal LM with sequence packing)"),
     "sft": ("huayu.train.sft", "Supervised fine-tuning on dialogues or instructions"),

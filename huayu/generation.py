@@ -90,7 +90,8 @@ class Generator:
         base, adapter = resolve_adapter(path, adapter)
         tokenizer, model = load_for_inference(base, adapter, dtype=dtype)
         if not model.can_generate():
-            raise HuayuError(f"the model at '{path}' cannot generate text")
+            raise HuayuError(f"the model at '{path}' ({model.config.model_type}) cannot generate text; an encoder "
+                             "(BERT, ERNIE) classifies instead: huayu finetune-cls, then huayu predict")
         generator = cls(quantize_for_inference(model, quantization), tokenizer)
         generator.template_problem = chat_template_problem(tokenizer, adapter or base)
         return generator

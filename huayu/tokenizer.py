@@ -26,7 +26,7 @@ from huayu.config import ConfigError
 from huayu.data.commands import parse_role_map
 from huayu.data.formats import DIALOGUE_FORMATS, detect_format, dialogue_texts, read_dialogues, read_texts
 from huayu.data.span_corruption import sentinel_tokens
-from huayu.data.templates import (ASSISTANT, BOS, DEFAULT_CHAT_TEMPLATE, EOS, PAD, SEP, SPECIAL_TOKENS,
+from huayu.data.templates import (ASSISTANT, BOS, DEFAULT_CHAT_TEMPLATE, EOS, MASK, PAD, SEP, SPECIAL_TOKENS,
                                   SYSTEM, UNK, USER)
 from huayu.errors import DataError, HuayuError
 
@@ -119,7 +119,7 @@ def _wrap(backend, model_max_length: int, sentinels: list[str]) -> PreTrainedTok
 
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        pad_token=PAD, unk_token=UNK, bos_token=BOS, eos_token=EOS,
+        pad_token=PAD, unk_token=UNK, bos_token=BOS, eos_token=EOS, mask_token=MASK,
         extra_special_tokens=[SYSTEM, USER, ASSISTANT, SEP, *sentinels],
         add_bos_token=False, add_eos_token=False,
         chat_template=DEFAULT_CHAT_TEMPLATE,

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 SYSTEM, USER, ASSISTANT, SEP = "<|system|>", "<|user|>", "<|assistant|>", "<sep>"
-SPECIAL_TOKENS = [PAD, UNK, BOS, EOS, SYSTEM, USER, ASSISTANT, SEP]
+MASK = "[MASK]"  # what a masked-LM encoder learns to fill (BERT's and ERNIE's spelling)
+SPECIAL_TOKENS = [PAD, UNK, BOS, EOS, SYSTEM, USER, ASSISTANT, SEP, MASK]
 
 # Every turn is "<|role|>content</s>"; generation stops at </s> (the tokenizer's eos token).
 DEFAULT_CHAT_TEMPLATE = (

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from huayu.errors import HuayuError
-from huayu.models.presets import (DECODER_PRESETS, ENCODER_DECODER_PRESETS, decoder_config,
-                                  encoder_decoder_config)
+from huayu.models.presets import (DECODER_PRESETS, ENCODER_DECODER_PRESETS, ENCODER_PRESETS, decoder_config,
+                                  encoder_config, encoder_decoder_config)
 
 
 @dataclass(frozen=True)
@@ -77,12 +77,22 @@ DECODER = Family("decoder", "AutoModelForCausalLM", False, DECODER_PRESETS, deco
 ENCODER_DECODER = Family("encoder-decoder", "AutoModelForSeq2SeqLM", True, ENCODER_DECODER_PRESETS,
                          encoder_decoder_config, SEQ2SEQ_LORA_TARGETS, peft_task="SEQ_2_SEQ_LM",
                          default_objective="span")
-FAMILIES = {f.name: f for f in (DECODER, ENCODER_DECODER)}
+ENCODER = Family("encoder", "AutoModelForPreTraining", False, ENCODER_PRESETS, encoder_config,
+                 {t: ("query", "value") for t in ("bert", "ernie", "roberta", "nezha", "megatron-bert")},
+                 peft_task="SEQ_CLS", default_objective="mlm")
+FAMILIES = {f.name: f for f in (DECODER, ENCODER_DECODER, ENCODER)}
+# BERT-like model types: bidirectional encoders without a decoder
+ENCODER_TYPES = {"bert", "ernie", "roberta", "xlm-roberta", "electra", "albert", "megatron-bert", "nezha",
+                 "deberta", "deberta-v2", "distilbert"}
 
 
 def family_of(config) -> Family:
     """The family of a loaded transformers config."""
-    return ENCODER_DECODER if getattr(config, "is_encoder_decoder", False) else DECODER
+    if getattr(config, "is_encoder_decoder", False):
+        return ENCODER_DECODER
+    if config.model_type in ENCODER_TYPES and not getattr(config, "is_decoder", False):
+        return ENCODER
+    return DECODER
 
 
 def family_of_preset(name: str) -> Family | None:

@@ -81,3 +81,36 @@ def encoder_decoder_config(name: str, vocab_size: int, special_ids: dict[str, in
                     num_layers=p.layers, num_decoder_layers=p.layers, num_heads=p.heads,
                     feed_forward_proj="gated-gelu", tie_word_embeddings=True,
                     decoder_start_token_id=special_ids["pad_token_id"], **special_ids)
+
+
+@dataclass(frozen=True)
+class EncoderPreset:
+    arch: str          # "bert" or "ernie" (ERNIE 1.0/3.0 are BERT's encoder; transformers' Ernie adds task ids)
+    layers: int
+    heads: int
+    hidden: int
+    intermediate: int
+    lr: float
+    note: str
+
+
+# ERNIE 3.0's distilled sizes (nano to base) and ERNIE 1.0-base; bert-tiny is Google's BERT-Tiny shape.
+ENCODER_PRESETS: dict[str, EncoderPreset] = {
+    "bert-tiny": EncoderPreset("bert", 2, 2, 128, 512, 1e-3, "BERT-Tiny's shape: tests"),
+    "ernie-3.0-nano": EncoderPreset("ernie", 4, 12, 312, 1248, 5e-4, "ERNIE 3.0 Nano (4L312H), ~5M with a 7k vocab"),
+    "ernie-3.0-micro": EncoderPreset("ernie", 4, 12, 384, 1536, 5e-4, "ERNIE 3.0 Micro (4L384H)"),
+    "ernie-3.0-mini": EncoderPreset("ernie", 6, 12, 384, 1536, 5e-4, "ERNIE 3.0 Mini (6L384H)"),
+    "ernie-3.0-medium": EncoderPreset("ernie", 6, 12, 768, 3072, 1e-4, "ERNIE 3.0 Medium (6L768H)"),
+    "ernie-1.0-base": EncoderPreset("ernie", 12, 12, 768, 3072, 1e-4, "ERNIE 1.0 base (12L768H, the seed's model)"),
+}
+
+
+def encoder_config(name: str, vocab_size: int, special_ids: dict[str, int | None]):
+    """The BERT or ERNIE config of preset `name`: 512 positions, two segment types (A and B)."""
+    from transformers import BertConfig, ErnieConfig
+
+    p = ENCODER_PRESETS[name]
+    config = BertConfig if p.arch == "bert" else ErnieConfig
+    return config(vocab_size=vocab_size, hidden_size=p.hidden, num_hidden_layers=p.layers,
+                  num_attention_heads=p.heads, intermediate_size=p.intermediate, max_position_embeddings=512,
+                  type_vocab_size=2, pad_token_id=special_ids["pad_token_id"])
