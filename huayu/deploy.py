@@ -7,6 +7,7 @@ directory serves both backends and either can check the other. Texts are encoded
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import warnings
@@ -52,8 +53,10 @@ def load_classifier(model_dir: str):
     """The PyTorch classifier in fp32 and eval mode (a bf16 checkpoint would not match its fp32 export)."""
     import torch
     from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
     classifier_config(model_dir)
+    hf_logging.disable_progress_bar()  # a bar for loading a few MB of weights is noise
     return AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
@@ -122,6 +125,8 @@ def _export(model, batch: dict, path: Path, opset: int) -> None:
         def forward(self, input_ids, attention_mask, token_type_ids):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
 
+    # the exporter logs a warning for every torchvision op it cannot register; huayu never uses them
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     batch_dim, seq_dim = torch.export.Dim("batch"), torch.export.Dim("sequence")
     shapes = {name: {0: batch_dim, 1: seq_dim} for name in INPUTS}
     with warnings.catch_warnings():  # the three inputs share the two axes, which torch.onnx warns about

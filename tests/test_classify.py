@@ -121,3 +121,18 @@ def test_export_and_predict_refuse_what_they_cannot_use(tmp_path, tiny_model_dir
     assert "not a text classifier" in capsys.readouterr().err
     assert main(["predict", str(trained), "--input", str(tmp_path / "none.tsv")]) == 1
     assert "has no model.onnx" in capsys.readouterr().err
+
+
+def test_freeze_trains_the_new_head_and_the_last_layers_only(tokenizer, tmp_path, tokenizer_dir, capsys):
+    from huayu.models.loading import load_model
+    from huayu.train.methods import FinetuningArgs, apply_finetuning
+
+    model = load_model("bert-tiny", tokenizer, classes=["a", "b"])
+    apply_finetuning(model, FinetuningArgs(finetuning_type="freeze", freeze_trainable_layers=1))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert {"classifier.weight", "classifier.bias"} <= trainable
+    assert all(name.startswith(("classifier.", "bert.encoder.layer.1.")) for name in trainable)
+    train = write_tsv(tmp_path / "t.tsv", ROWS[:8])
+    assert main(["finetune-cls", "bert-tiny", "--tokenizer", tokenizer_dir, "--train", train, "--dev", train,
+                 "--finetuning-type", "lora", "--out", str(tmp_path / "o")]) == 1
+    assert "full or freeze" in capsys.readouterr().err

@@ -145,6 +145,10 @@ def test_pretrain_mlm_end_to_end_and_show_masked(tmp_path, store, tokenizer_dir,
     assert {"eval_loss", "eval_lm_loss", "eval_sop_loss"} <= set(next(r for r in rows if "eval_loss" in r))
     model = AutoModelForPreTraining.from_pretrained(out)
     assert type(model).__name__ == "BertForPreTraining"
+    # continue-training: the saved encoder (its own tokenizer) is the next run's model
+    assert main(["pretrain", "--model", str(out), "--objective", "mlm", "--sop", "--data", store.prefix, "--seq-len",
+                 "48", "--batch-size", "8", "--max-steps", "3", "--log-every", "3", "--out", str(tmp_path / "more")]) == 0
+    assert "BertForPreTraining from" in capsys.readouterr().out
 
     assert main(["data", "show-masked", store.prefix, "--sop", "--seq-len", "32", "--samples", "1"]) == 0
     shown = capsys.readouterr().out

@@ -51,6 +51,10 @@ def check(cfg: ClassifyConfig) -> None:
         raise HuayuError("no dev data: pass --dev FILE (the best checkpoint is chosen on it)")
     if cfg.best_metric not in BEST_METRICS:
         raise HuayuError(f"--best-metric must be one of {', '.join(BEST_METRICS)}, got '{cfg.best_metric}'")
+    if cfg.finetuning.uses_adapter:
+        raise HuayuError(f"finetune-cls trains --finetuning-type full or freeze, not {cfg.finetuning.finetuning_type}: "
+                         "export onnx and predict need a whole classifier, and a classification adapter cannot be "
+                         "merged into one yet")
     if cfg.max_length < 3:
         raise HuayuError("--max-length must be at least 3 ([CLS] text [SEP])")
 
