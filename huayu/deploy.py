@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from huayu.config import add_config_arguments, config_from_args, field_doc
-from huayu.data.classification import (HEADERS, ClassificationExample, Logits, classification_collate,
-                                       check_known_labels, encode_texts, predict_probabilities, read_labelled, write_predictions)
+from huayu.data.classification import (HEADERS, ClassificationExample, Logits, check_known_labels,
+                                       classification_collate, encode_texts, predict_probabilities, read_labelled,
+                                       torch_logits, write_predictions)
 from huayu.errors import HuayuError
 
 ONNX_FILE = "model.onnx"
@@ -58,16 +59,6 @@ def load_classifier(model_dir: str):
     classifier_config(model_dir)
     hf_logging.disable_progress_bar()  # a bar for loading a few MB of weights is noise
     return AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-
-def torch_logits(model) -> Logits:
-    import torch
-
-    def logits(batch: dict) -> np.ndarray:
-        with torch.inference_mode():
-            return model(**{k: batch[k] for k in INPUTS}).logits.float().numpy()
-
-    return logits
 
 
 def onnx_logits(path: Path) -> Logits:

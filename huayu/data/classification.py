@@ -185,6 +185,17 @@ def length_sorted_batches(tokenizer, texts: list[str], max_length: int, batch_si
         yield chunk, collate([ClassificationExample(ids[i]) for i in chunk])
 
 
+def torch_logits(model) -> Logits:
+    """The Logits function of a PyTorch classifier (no gradients, fp32 numpy out)."""
+    import torch
+
+    def logits(batch: dict) -> "np.ndarray":
+        with torch.inference_mode():
+            return model(**batch).logits.float().numpy()
+
+    return logits
+
+
 def softmax(logits: "np.ndarray") -> "np.ndarray":
     e = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)

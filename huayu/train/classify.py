@@ -126,19 +126,16 @@ def predict_test(cfg: ClassifyConfig) -> None:
     """Predict the --test files with the final (best) model in cfg.out."""
     import torch
 
-    from huayu.data.classification import predict_probabilities, write_predictions
+    from huayu.data.classification import predict_probabilities, torch_logits, write_predictions
     from huayu.models.loading import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(cfg.out)
     model = load_model(cfg.out, tokenizer, dtype=torch.float32).eval()
     classes = [model.config.id2label[i] for i in range(model.config.num_labels)]
 
-    def logits(batch: dict):
-        with torch.inference_mode():
-            return model(**batch).logits.float().numpy()
-
     test = read_files(cfg.test, cfg, labels_optional=True)
-    probs = predict_probabilities(logits, tokenizer, test.texts, len(classes), cfg.max_length, cfg.train.batch_size)
+    probs = predict_probabilities(torch_logits(model), tokenizer, test.texts, len(classes), cfg.max_length,
+                                  cfg.train.batch_size)
     write_predictions(str(Path(cfg.out) / PREDICTIONS), classes, probs, test, ", ".join(cfg.test))
 
 

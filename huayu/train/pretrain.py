@@ -131,7 +131,8 @@ def mlm_data(cfg: PretrainConfig, tokenizer):
     valid = valid[np.random.default_rng(cfg.train.seed).permutation(len(valid))[:cfg.eval_samples]]
     print(f"{cfg.data[0]}: {len(train_docs):,} training documents -> {len(samples):,} samples of up to "
           f"{cfg.seq_len} tokens; {len(valid):,} validation samples")
-    valid_collate = WholeWordMasking(valid_store, tokenizer, cfg.seq_len, cfg.masked_lm_prob, cfg.sop)
+    valid_collate = WholeWordMasking(valid_store, tokenizer, cfg.seq_len, cfg.masked_lm_prob, cfg.sop) \
+        if cfg.valid_data else collate
     evaluation = Evaluation(lambda model: mlm_validation(model, valid, valid_collate, cfg.train.batch_size,
                                                          cfg.train.seed)) if len(valid) else None
     return StageData(samples, valid if len(valid) else None, collate, mlm_loss, evaluation)
