@@ -90,6 +90,10 @@ class ChatModel:
         response = self.generator.generate_ids([prompt], decoding_args(chat_decoding(), decoding))[0].strip()
         return response, messages + [{"role": "assistant", "content": response}]
 
+    def fill(self, text: str, **decoding) -> str:
+        """GLM: `text` with each [MASK] filled in (`huayu.load(glm).fill("今天[MASK]很好")`)."""
+        return self.generator.fill(text, decoding_args(DecodingArgs(), decoding))
+
     def generate(self, prompts: list[str] | str, batch_size: int = 8, **decoding) -> list[str]:
         """The continuation of each raw-text prompt (no chat template), decoded `batch_size` at a time."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)

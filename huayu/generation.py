@@ -14,6 +14,7 @@ from typing import Iterator
 
 from huayu.config import field_doc
 from huayu.errors import HuayuError
+from huayu.models.families import BLANK
 
 
 @dataclass
@@ -126,15 +127,42 @@ class Generator:
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         return {"input_ids": ids, "attention_mask": mask}
 
-    def generate_ids(self, prompts: list[list[int]], d: DecodingArgs) -> list[str]:
-        """Decode a batch of token-id prompts (left-padded); return the new text of each."""
+    def new_ids(self, prompts: list[list[int]], d: DecodingArgs) -> list[list[int]]:
+        """Decode a batch of token-id prompts (left-padded); the new ids of each, up to its first
+        end token (excluded)."""
         import torch
 
         inputs = self._inputs(prompts, d)
         with torch.no_grad():
             out = self.model.generate(**inputs, generation_config=self._config(d))
-        new = self.family.new_tokens(out, inputs["input_ids"].shape[1])
-        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        rows = self.family.new_tokens(out, inputs["input_ids"].shape[1]).tolist()
+        ends = set(self.eos_ids)
+        return [row[:next((i for i, t in enumerate(row) if t in ends), len(row))] for row in rows]
+
+    def generate_ids(self, prompts: list[list[int]], d: DecodingArgs) -> list[str]:
+        """Decode a batch of token-id prompts (left-padded); return the new text of each."""
+        return self.tokenizer.batch_decode(self.new_ids(prompts, d), skip_special_tokens=True)
+
+    def fill(self, text: str, d: DecodingArgs) -> str:
+        """`text` with each [MASK] (or [sMASK], [gMASK]) filled by a GLM, left to right: the k-th
+        blank's span is generated after the spans before it, as in pre-training's Part B."""
+        if self.family.layout != BLANK:
+            raise HuayuError(f"blank filling needs a GLM model; this one is {self.model.config.model_type}")
+        special = self.family.special_ids(self.tokenizer)
+        blank_ids = {special[k] for k in ("mask_token_id", "smask_token_id", "gmask_token_id")}
+        part_a = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        blanks = [i for i, t in enumerate(part_a) if t in blank_ids]
+        if not blanks:
+            raise HuayuError(f"nothing to fill: the text has no [MASK], [sMASK] or [gMASK]: {text!r}")
+        part_b, spans = [], []
+        for _ in blanks:
+            span = self.new_ids([part_a + part_b + [special["sop_token_id"]]], d)[0]
+            part_b += [special["sop_token_id"]] + span
+            spans.append(span)
+        filled = list(part_a)
+        for position, span in sorted(zip(blanks, spans), reverse=True):
+            filled[position:position + 1] = span
+        return self.tokenizer.decode(filled, skip_special_tokens=True)
 
     def stream_ids(self, prompt: list[int], d: DecodingArgs) -> Iterator[str]:
         """Yield text pieces of one prompt's continuation as they are generated. Closing the
@@ -178,7 +206,9 @@ class Generator:
             raise failure[0]
 
     def encode_text(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        """The prompt that continues raw `text` (for GLM: the text, [gMASK], <sop>)."""
+        ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        return self.family.continuation_prompt(self.tokenizer, ids)
 
     def encode_chat(self, messages: list[dict], max_source_length: int | None = None) -> list[int]:
         """The prompt ids for the assistant's next turn after `messages`; the first call warns if the

@@ -15,6 +15,7 @@ class GenerateConfig:
     adapter: str | None = field_doc("peft adapter directory applied to MODEL", default=None)
     prompt: str | None = field_doc("prompt text", default=None)
     file: str | None = field_doc("file with one prompt per line", default=None)
+    fill: bool = field_doc("GLM: fill each [MASK] in the prompts instead of continuing them", default=False)
     decoding: DecodingArgs = field_doc("decoding", default_factory=DecodingArgs)
     batch_size: int = field_doc("prompts per batch", default=8)
     seed: int = field_doc("random seed (for sampling)", default=1234)
@@ -38,6 +39,10 @@ def run(args) -> None:
         raise HuayuError("usage: huayu generate MODEL --prompt TEXT (or --file PROMPTS.txt)")
     torch.manual_seed(cfg.seed)
     gen = Generator.load(cfg.model, adapter=cfg.adapter)
+    if cfg.fill:
+        for prompt in prompts:
+            print(gen.fill(prompt, cfg.decoding))
+        return
     if len(prompts) == 1:
         print(prompts[0], end="", flush=True)
         for piece in gen.stream_ids(gen.encode_text(prompts[0]), cfg.decoding):

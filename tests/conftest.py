@@ -69,20 +69,38 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     return save_preset("tiny", tokenizer, tmp_path_factory.mktemp("model"))
 
 
-@pytest.fixture(scope="session")
-def lively_model_dir(tmp_path_factory, tokenizer):
-    """The tiny model with large random weights, so that greedy decoding wanders over the
-    vocabulary instead of repeating one token: decoders can then be compared token by token."""
+def save_lively(preset: str, tokenizer, path, scale: float = 0.3, keep_norms: bool = False) -> str:
+    """A preset with large random weights (`keep_norms`: not its layer norms'), so that greedy
+    decoding wanders over the vocabulary instead of repeating one token: decoders can then be
+    compared token by token."""
     import torch
 
     from huayu.models.loading import load_model
 
-    path = tmp_path_factory.mktemp("lively")
-    model = load_model("tiny", tokenizer, seed=0)
+    model = load_model(preset, tokenizer, seed=0)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+        for name, p in model.named_parameters():
+            if not (keep_norms and "norm" in name):
+                p.copy_(torch.randn(p.shape, generator=generator) * scale)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def lively_model_dir(tmp_path_factory, tokenizer):
+    return save_lively("tiny", tokenizer, tmp_path_factory.mktemp("lively"))
+
+
+@pytest.fixture(scope="session")
+def glm_tokenizer(tokenizer_dir):
+    """The test tokenizer with GLM's tokens added, as huayu loads it for a GLM preset."""
+    from huayu.models.loading import load_tokenizer
+
+    return load_tokenizer("glm-tiny", tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def lively_glm_dir(tmp_path_factory, glm_tokenizer):
+    return save_lively("glm-tiny", glm_tokenizer, tmp_path_factory.mktemp("lively-glm"), scale=0.6, keep_norms=True)

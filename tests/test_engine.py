@@ -11,9 +11,10 @@ from huayu.serve.sampling import SamplingParams, apply_penalties
 PROMPTS = ["你好", "今天天气怎么样？我们一起去公园", "春天来了，花都开了。我们"]
 
 
-@pytest.fixture(scope="module")
-def gen(lively_model_dir):
-    return Generator.load(lively_model_dir)
+@pytest.fixture(scope="module", params=["decoder", "glm"])
+def gen(request, lively_model_dir, lively_glm_dir):
+    """A Llama-style decoder, and a GLM (2D positions, its prompt ending in [gMASK] <sop>)."""
+    return Generator.load(lively_model_dir if request.param == "decoder" else lively_glm_dir)
 
 
 def reference(gen, prompt, n):

@@ -163,3 +163,36 @@ def encode_source_target(tokenizer, messages: list[dict], max_source_length: int
     segs = _source_segments(tokenizer, messages[:last])
     source = _cut_source(segs, min(max_source_length, limit - len(target)))
     return Example(source, target, full_length=sum(len(s.ids) for s in segs) + len(reply) + 1)
+
+
+# -- GLM: the context (with the chat template) is Part A, the reply one [gMASK] span -----------------
+
+def _glm_ids(tokenizer) -> tuple[int, int, int]:
+    from huayu.models.glm import EOP, GMASK, SOP
+
+    return tuple(tokenizer.convert_tokens_to_ids([GMASK, SOP, EOP]))
+
+
+def encode_blank_prompt(tokenizer, context: list[dict], max_source_length: int) -> list[int]:
+    """GLM's prompt for the assistant's next turn: `context` and the assistant header as Part A
+    (cut from the oldest turn), then [gMASK] and the span's <sop>."""
+    gmask, sop, _ = _glm_ids(tokenizer)
+    return encode_prompt(tokenizer, context, max(max_source_length - 2, 1)) + [gmask, sop]
+
+
+def encode_blank_dialogue(tokenizer, messages: list[dict], max_source_length: int, max_target_length: int,
+                          max_length: int | None = None) -> Example:
+    """A GLM training example: the prompt of encode_blank_prompt, then the last assistant reply as
+    the [gMASK] span, its labels aligned with the inputs (<sop> -> r1, ..., rn -> <eop>). Only the
+    reply carries loss, as for encoder-decoders."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise HuayuError("a dialogue has no assistant turn to learn")
+    _, _, eop = _glm_ids(tokenizer)
+    reply = tokenizer(messages[last]["content"], add_special_tokens=False, verbose=False)["input_ids"]
+    limit = max_length if max_length is not None else max_source_length + max_target_length
+    span = reply[:max(min(max_target_length, limit) - 1, 0)]
+    prompt = encode_blank_prompt(tokenizer, messages[:last], min(max_source_length, limit - len(span)))
+    labels = [IGNORE] * (len(prompt) - 1) + span + [eop]
+    context = sum(len(s.ids) for s in segments(tokenizer, messages[:last]))
+    return Example(prompt + span, labels, full_length=context + len(reply) + 3)

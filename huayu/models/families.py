@@ -12,23 +12,35 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from huayu.errors import HuayuError
-from huayu.models.presets import (DECODER_PRESETS, ENCODER_DECODER_PRESETS, ENCODER_PRESETS, decoder_config,
-                                  encoder_config, encoder_decoder_config)
+from huayu.models.presets import (DECODER_PRESETS, ENCODER_DECODER_PRESETS, ENCODER_PRESETS, GLM_PRESETS,
+                                  decoder_config, encoder_config, encoder_decoder_config, glm_config)
+
+CAUSAL, SEQ2SEQ, BLANK, ENCODE = "causal", "seq2seq", "blank", "encode"
+# GLM's tokens (huayu/models/glm.py), by the config field that records each id
+GLM_SPECIAL_TOKENS = {"mask_token_id": "[MASK]", "smask_token_id": "[sMASK]", "gmask_token_id": "[gMASK]",
+                      "sop_token_id": "<sop>", "eop_token_id": "<eop>"}
 
 
 @dataclass(frozen=True)
 class Family:
     """What differs between model families, and nothing else: the Auto class, the presets and how
-    they are configured, LoRA's default targets, peft's task type, and how a dialogue becomes an
-    example, a prompt and a batch."""
+    they are configured, LoRA's default targets, peft's task type, the tokens the family needs, and
+    how a dialogue becomes an example, a prompt, a batch and positions."""
     name: str
     auto_class: str                 # attribute of `transformers`
-    seq2seq: bool                   # encoder-decoder: the reply is the decoder's, the context the encoder's
+    layout: str                     # causal: context and reply in one causal sequence; seq2seq: the encoder
+    #                                 reads the context, the decoder writes the reply; blank (GLM): the context
+    #                                 is Part A, the reply one [gMASK] span in Part B; encode: no dialogue
     presets: dict = field(default_factory=dict)
     build_config: Callable | None = None   # (preset name, vocab size, special ids) -> config
     lora_targets: dict[str, tuple[str, ...]] = field(default_factory=dict)  # model_type -> module names
     peft_task: str = "CAUSAL_LM"
     default_objective: str = "causal"
+    special_tokens: dict[str, str] = field(default_factory=dict)  # config field -> token the tokenizer must have
+
+    @property
+    def seq2seq(self) -> bool:
+        return self.layout == SEQ2SEQ
 
     def auto(self):
         import transformers
@@ -41,6 +53,8 @@ class Family:
 
         if self.seq2seq:
             return chat.encode_source_target(tokenizer, messages, max_source, max_target, max_length)
+        if self.layout == BLANK:
+            return chat.encode_blank_dialogue(tokenizer, messages, max_source, max_target, max_length)
         return chat.encode_dialogue(tokenizer, messages, max_source, max_target, loss_on, max_length)
 
     def encode_prompt(self, tokenizer, context: list[dict], max_source: int) -> list[int]:
@@ -49,7 +63,48 @@ class Family:
 
         if self.seq2seq:
             return chat.encode_source(tokenizer, context, max_source)
+        if self.layout == BLANK:
+            return chat.encode_blank_prompt(tokenizer, context, max_source)
         return chat.encode_prompt(tokenizer, context, max_source)
+
+    def continuation_prompt(self, tokenizer, ids: list[int]) -> list[int]:
+        """What the model reads to continue raw text `ids`: the text itself, or for GLM the text as
+        Part A with a [gMASK] at its end (unless it has a blank already) and the span's <sop>."""
+        if self.layout != BLANK:
+            return ids
+        special = self.special_ids(tokenizer)
+        blanks = {special["mask_token_id"], special["smask_token_id"], special["gmask_token_id"]}
+        return ids + ([] if blanks & set(ids) else [special["gmask_token_id"]]) + [special["sop_token_id"]]
+
+    def add_special_tokens(self, tokenizer) -> int:
+        """Add the family's tokens the tokenizer lacks (at the end of its vocabulary, so existing
+        ids keep their meaning); the number added."""
+        from tokenizers import AddedToken
+
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in self.special_tokens.values() if t not in vocab]
+        return tokenizer.add_tokens([AddedToken(t, special=True) for t in missing], special_tokens=True) \
+            if missing else 0
+
+    def special_ids(self, tokenizer) -> dict[str, int]:
+        """The ids of the family's tokens, by config field."""
+        return {key: tokenizer.convert_tokens_to_ids(token) for key, token in self.special_tokens.items()}
+
+    def prefill_positions(self, model, ids, mask):
+        """Position ids of a left-padded batch of prompts: real tokens counted from 0, or GLM's 2D
+        positions read off the ids."""
+        if self.layout == BLANK:
+            from huayu.models.glm import blank_layout
+
+            return blank_layout(ids, mask, model.config)[0]
+        return (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def next_positions(self, last):
+        """The positions of the token after `last` (the last column of the prompt's): one further,
+        or in GLM's Part B one further inside the span (the first id stays the span's)."""
+        if self.layout == BLANK:
+            return last + last.new_tensor([0, 1]).view(1, 2, 1)
+        return last + 1
 
     def collate(self, pad_id: int):
         from huayu.data.batching import pad_collate, seq2seq_collate
@@ -73,14 +128,16 @@ SEQ2SEQ_LORA_TARGETS = {"t5": ("q", "v"), "mt5": ("q", "v"),  # the LoRA paper's
                         "bart": ("q_proj", "v_proj"), "mbart": ("q_proj", "v_proj")}
 ALL_LINEAR = "all-linear"
 
-DECODER = Family("decoder", "AutoModelForCausalLM", False, DECODER_PRESETS, decoder_config, DECODER_LORA_TARGETS)
-ENCODER_DECODER = Family("encoder-decoder", "AutoModelForSeq2SeqLM", True, ENCODER_DECODER_PRESETS,
+DECODER = Family("decoder", "AutoModelForCausalLM", CAUSAL, DECODER_PRESETS, decoder_config, DECODER_LORA_TARGETS)
+ENCODER_DECODER = Family("encoder-decoder", "AutoModelForSeq2SeqLM", SEQ2SEQ, ENCODER_DECODER_PRESETS,
                          encoder_decoder_config, SEQ2SEQ_LORA_TARGETS, peft_task="SEQ_2_SEQ_LM",
                          default_objective="span")
-ENCODER = Family("encoder", "AutoModelForPreTraining", False, ENCODER_PRESETS, encoder_config,
+ENCODER = Family("encoder", "AutoModelForPreTraining", ENCODE, ENCODER_PRESETS, encoder_config,
                  {t: ("query", "value") for t in ("bert", "ernie", "roberta", "nezha", "megatron-bert")},
                  peft_task="SEQ_CLS", default_objective="mlm")
-FAMILIES = {f.name: f for f in (DECODER, ENCODER_DECODER, ENCODER)}
+GLM = Family("glm", "AutoModelForCausalLM", BLANK, GLM_PRESETS, glm_config, {"huayu-glm": ATTENTION_PROJECTIONS},
+             default_objective="blank", special_tokens=GLM_SPECIAL_TOKENS)
+FAMILIES = {f.name: f for f in (DECODER, ENCODER_DECODER, ENCODER, GLM)}
 # BERT-like model types: bidirectional encoders without a decoder
 ENCODER_TYPES = {"bert", "ernie", "roberta", "xlm-roberta", "electra", "albert", "megatron-bert", "nezha",
                  "deberta", "deberta-v2", "distilbert"}
@@ -90,6 +147,8 @@ def family_of(config) -> Family:
     """The family of a loaded transformers config."""
     if getattr(config, "is_encoder_decoder", False):
         return ENCODER_DECODER
+    if config.model_type == "huayu-glm":
+        return GLM
     if config.model_type in ENCODER_TYPES and not getattr(config, "is_decoder", False):
         return ENCODER
     return DECODER

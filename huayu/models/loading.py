@@ -65,6 +65,8 @@ def load_tokenizer(model: str, tokenizer: str | None = None):
         tok.eos_token = tok.sep_token
     if tok.pad_token is None:  # e.g. GPT-2: pad with eos; padded positions never carry loss
         tok.pad_token = tok.eos_token
+    if _is_model_dir(model) or family_of_preset(model) is not None:
+        family_of_model(model).add_special_tokens(tok)  # e.g. GLM's [gMASK], <sop>, ... for a new GLM
     return tok
 
 
@@ -115,7 +117,7 @@ def _load_base(spec: str, tokenizer, dtype, seed: int, classes: list[str] | None
         return model
     family = family_of_model(spec)
     special = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                   eos_token_id=tokenizer.eos_token_id)
+                   eos_token_id=tokenizer.eos_token_id, **family.special_ids(tokenizer))
     config = family.build_config(spec, len(tokenizer), special)
     for key, value in _classifier_kwargs(classes).items():
         setattr(config, key, value)

@@ -114,3 +114,33 @@ def encoder_config(name: str, vocab_size: int, special_ids: dict[str, int | None
     return config(vocab_size=vocab_size, hidden_size=p.hidden, num_hidden_layers=p.layers,
                   num_attention_heads=p.heads, intermediate_size=p.intermediate, max_position_embeddings=512,
                   type_vocab_size=2, pad_token_id=special_ids["pad_token_id"])
+
+
+@dataclass(frozen=True)
+class GLMPreset:
+    layers: int
+    heads: int
+    hidden: int
+    max_positions: int
+    lr: float
+    note: str
+
+
+# GLM's MLP is 4 x hidden. glm-nano has ERNIE 3.0 Nano's shape, for side-by-side comparisons.
+GLM_PRESETS: dict[str, GLMPreset] = {
+    "glm-tiny": GLMPreset(2, 4, 128, 512, 1e-3, "tests"),
+    "glm-nano": GLMPreset(4, 12, 312, 512, 5e-4, "ERNIE 3.0 Nano's shape (4L312H): ~6M with a 7k vocab"),
+    "glm-small": GLMPreset(10, 4, 256, 1024, 6e-4, "~10M parameters: CPU pre-training"),
+    "glm-base": GLMPreset(12, 12, 768, 1024, 1e-4, "GLM-Base (110M in the paper)"),
+    "glm-large": GLMPreset(24, 16, 1024, 1024, 5e-5, "GLM-Large (335M in the paper)"),
+}
+
+
+def glm_config(name: str, vocab_size: int, special_ids: dict[str, int | None]):
+    """The huayu GLM config of preset `name`; generation ends a span at <eop>."""
+    from huayu.models.glm import GLMConfig
+
+    p = GLM_PRESETS[name]
+    ids = {**special_ids, "eos_token_id": special_ids["eop_token_id"]}
+    return GLMConfig(vocab_size=vocab_size, hidden_size=p.hidden, num_hidden_layers=p.layers,
+                     num_attention_heads=p.heads, max_position_embeddings=p.max_positions, **ids)

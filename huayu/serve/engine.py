@@ -4,7 +4,7 @@ Requests that arrive while others are generating are prefilled at the next step 
 running batch there, instead of waiting for the batch to finish; finished or cancelled requests
 leave it at once, freeing their slot. The running batch shares one key/value cache, left-padded:
 each row has its own length, an attention mask hides its padding and position ids count its real
-tokens, so every row computes what it would compute alone.
+tokens (the model family says how: GLM's are 2D), so every row computes what it would compute alone.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from huayu.models.families import cache_argument
+from huayu.models.families import cache_argument, family_of
 from huayu.serve.sampling import SamplingParams, choose_tokens
 
 
@@ -108,12 +108,14 @@ class Engine:
                  max_batch_size: int = 16, max_waiting: int = 64):
         self.model, self.tokenizer, self.eos_ids = model.eval(), tokenizer, list(eos_ids)
         self.cache_argument = cache_argument(model)
+        self.family = family_of(model.config)
         self.max_positions, self.max_batch_size, self.max_waiting = max_positions, max_batch_size, max_waiting
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.cache = None                   # the running batch's key/value cache
         self.mask: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None   # each row's position ids of its last token
         self.wakeup = threading.Condition()
         self.counters = dict(steps=0, generated_tokens=0, finished=0, cancelled=0, largest_batch=0)
         self._thread: threading.Thread | None = None
@@ -175,7 +177,7 @@ class Engine:
         except Exception as exc:  # a failed forward fails the requests in it, not the server
             for r in self.running + admitted:
                 r.emit(Event(error=f"generation failed: {type(exc).__name__}: {exc}"))
-            self.running, self.cache, self.mask = [], None, None
+            self.running, self.cache, self.mask, self.positions = [], None, None, None
             return True
         self.counters["steps"] += 1
         self.counters["largest_batch"] = max(self.counters["largest_batch"], len(self.running))
@@ -195,18 +197,20 @@ class Engine:
         rows = self.running
         ids = torch.tensor([[r.out[-1]] for r in rows])
         mask = torch.cat([self.mask, torch.ones(len(rows), 1, dtype=self.mask.dtype)], dim=1)
-        positions = torch.tensor([[len(r.prompt) + len(r.out) - 1] for r in rows])
+        positions = self.family.next_positions(self.positions)
         logits = self._forward(ids, mask, positions, self.cache)
-        self.mask = mask
+        self.mask, self.positions = mask, positions
         self._advance(rows, logits)
 
     def _prefill(self, new: list[Request]) -> None:
         width = max(len(r.prompt) for r in new)
         ids = torch.tensor([[self.pad_id] * (width - len(r.prompt)) + r.prompt for r in new])
         mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in new])
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = self.family.prefill_positions(self.model, ids, mask)
         cache = _new_cache()
         logits = self._forward(ids, mask, positions, cache)
+        last = positions[..., -1:]
+        self.positions = last if self.positions is None else torch.cat([self.positions, last])
         if self.cache is None:
             self.cache, self.mask = cache, mask
         else:
@@ -253,10 +257,10 @@ class Engine:
         keep = [i for i in range(len(self.running)) if i not in set(gone)]
         self.running = [self.running[i] for i in keep]
         if not keep:
-            self.cache, self.mask = None, None
+            self.cache, self.mask, self.positions = None, None, None
             return
         index = torch.tensor(keep)
-        mask = self.mask[index]
+        mask, self.positions = self.mask[index], self.positions[index]
         first = int(mask.any(0).nonzero()[0])
         self.cache = _new_cache([(k[index, :, first:], v[index, :, first:]) for k, v in self._kv()])
         self.mask = mask[:, first:]
