@@ -6,7 +6,8 @@ loss on the target only. Encoder-decoder models learn T5's span corruption: the 
 into chunks whose corrupted form is exactly `seq_len` tokens, spans replaced by sentinels. Either
 way the examples are cached on disk (huayu/data/cache.py), so a corpus is tokenized once.
 Encoders (BERT, ERNIE) learn the masked LM with whole-word masking and optionally sentence-order
-prediction, from a token store built by `huayu data index` (huayu/data/whole_word_masking.py).
+prediction, from a token store built by `huayu data index` (huayu/data/whole_word_masking.py); GLM
+learns autoregressive blank infilling from such a store (huayu/data/blank_infilling.py).
 """
 
 from __future__ import annotations
@@ -14,25 +15,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from huayu.config import add_config_arguments, config_from_args, field_doc
+from huayu.data.blank_infilling import BlankArgs
 from huayu.data.cache import DataCacheConfig, add_no_cache_flag
 from huayu.data.whole_word_masking import MaskingArgs
 from huayu.errors import HuayuError
 from huayu.train.stage import StageConfig, run_stage
 
 
-OBJECTIVES = ("auto", "causal", "span", "mlm")
+OBJECTIVES = ("auto", "causal", "span", "mlm", "blank")
+STORE_OBJECTIVES = ("mlm", "blank")  # trained from a token store
 
 
 @dataclass
-class PretrainConfig(MaskingArgs, DataCacheConfig, StageConfig):
+class PretrainConfig(BlankArgs, MaskingArgs, DataCacheConfig, StageConfig):
     out: str = field_doc("output directory", default="out/pretrain")
     text_field: str | None = field_doc("JSON field with the text (default: text, src_txt or content)",
                                        default=None)
     target_field: str = field_doc("JSON field that makes a record input->output", default="tgt_txt")
     seq_len: int = field_doc("tokens per packed block (span: per corrupted encoder input)", default=256)
     objective: str = field_doc(f"{' | '.join(OBJECTIVES)}; auto: the family's (causal for decoders, span for "
-                               "encoder-decoders, mlm for encoders)", default="auto")
-    eval_samples: int = field_doc("mlm: validation samples (masked with a fixed seed) per evaluation",
+                               "encoder-decoders, mlm for encoders, blank for GLM)", default="auto")
+    eval_samples: int = field_doc("mlm, blank: validation samples (masked with a fixed seed) per evaluation",
                                   default=512)
     noise_density: float = field_doc("span: share of tokens masked", default=0.15)
     mean_noise_span_length: float = field_doc("span: mean length of a masked span", default=3.0)
@@ -100,57 +103,75 @@ def objective(cfg: PretrainConfig) -> str:
     return chosen
 
 
-def mlm_data(cfg: PretrainConfig, tokenizer):
-    """Samples of the token store(s) in --data (their train split; --valid-data stores whole, else
-    the valid split), whole-word masked as batches are drawn."""
+def store_data(cfg: PretrainConfig, tokenizer, chosen: str):
+    """Samples of the token store in --data (its train split; a --valid-data store whole, else the
+    valid split), masked as batches are drawn: whole-word masking (mlm) or blank infilling."""
     import numpy as np
 
+    from huayu.data.blank_infilling import BlankInfilling, text_budget
     from huayu.data.token_store import TokenStore, is_store
     from huayu.data.whole_word_masking import WholeWordMasking, build_samples, mlm_loss
-    from huayu.train.loop import Evaluation
+    from huayu.train.loop import Evaluation, model_loss
     from huayu.train.stage import StageData
 
-    paths = cfg.data + cfg.valid_data
-    for path in paths:
+    for path in cfg.data + cfg.valid_data:
         if not is_store(path):
-            raise HuayuError(f"--objective mlm reads token stores: '{path}' is not one; build it with "
+            raise HuayuError(f"--objective {chosen} reads token stores: '{path}' is not one; build it with "
                              f"`huayu data index CORPUS --out PREFIX --tokenizer DIR` and pass PREFIX")
     if len(cfg.data) != 1:
-        raise HuayuError("--objective mlm trains on one token store (--data PREFIX); index several corpora into it")
+        raise HuayuError(f"--objective {chosen} trains on one token store (--data PREFIX); index several corpora "
+                         "into it")
+    blank = chosen == "blank"
+
+    def collate_for(store):
+        _check_store_vocabulary(store, tokenizer)
+        if blank:
+            return BlankInfilling(store, tokenizer, cfg.seq_len, cfg)
+        return WholeWordMasking(store, tokenizer, cfg.seq_len, cfg.masked_lm_prob, cfg.sop)
+
+    def samples_of(store, documents):
+        if blank:  # whole sentences up to the text budget, no short samples: [gMASK] spans vary the length
+            return build_samples(store, documents, text_budget(cfg.seq_len, cfg.blank_ratio) + 2, 0.0, False,
+                                 cfg.train.seed)
+        return build_samples(store, documents, cfg.seq_len, cfg.short_seq_prob, cfg.sop, cfg.train.seed)
+
     store = TokenStore(cfg.data[0])
-    if store.meta["vocab_size"] != len(tokenizer):
-        raise HuayuError(f"token store '{cfg.data[0]}' was built with a tokenizer of {store.meta['vocab_size']} tokens "
-                         f"({store.meta['tokenizer']}), the model's has {len(tokenizer)}")
     train_docs, valid_docs, _ = store.split(cfg.split)
-    samples = build_samples(store, train_docs, cfg.seq_len, cfg.short_seq_prob, cfg.sop, cfg.train.seed)
-    collate = WholeWordMasking(store, tokenizer, cfg.seq_len, cfg.masked_lm_prob, cfg.sop)
+    samples, collate = samples_of(store, train_docs), collate_for(store)
     valid_store = TokenStore(cfg.valid_data[0]) if cfg.valid_data else store
     if cfg.valid_data:
         valid_docs = np.arange(valid_store.n_documents)
-    valid = build_samples(valid_store, valid_docs, cfg.seq_len, cfg.short_seq_prob, cfg.sop, cfg.train.seed)
+    valid = samples_of(valid_store, valid_docs)
     valid = valid[np.random.default_rng(cfg.train.seed).permutation(len(valid))[:cfg.eval_samples]]
     print(f"{cfg.data[0]}: {len(train_docs):,} training documents -> {len(samples):,} samples of up to "
           f"{cfg.seq_len} tokens; {len(valid):,} validation samples")
-    valid_collate = WholeWordMasking(valid_store, tokenizer, cfg.seq_len, cfg.masked_lm_prob, cfg.sop) \
-        if cfg.valid_data else collate
-    evaluation = Evaluation(lambda model: mlm_validation(model, valid, valid_collate, cfg.train.batch_size,
-                                                         cfg.train.seed)) if len(valid) else None
-    return StageData(samples, valid if len(valid) else None, collate, mlm_loss, evaluation)
+    valid_collate = collate_for(valid_store) if cfg.valid_data else collate
+    loss_fn = model_loss if blank else mlm_loss
+    evaluation = Evaluation(lambda model: fixed_mask_validation(model, valid, valid_collate, loss_fn,
+                                                                cfg.train.batch_size, cfg.train.seed)) \
+        if len(valid) else None
+    return StageData(samples, valid if len(valid) else None, collate, loss_fn, evaluation)
 
 
-def mlm_validation(model, samples, collate, batch_size: int, seed: int) -> dict[str, float]:
+def _check_store_vocabulary(store, tokenizer) -> None:
+    """The store's ids are the tokenizer's: same vocabulary, or GLM's tokens appended to it."""
+    appended = sum(i >= store.meta["vocab_size"] for i in tokenizer.added_tokens_decoder)
+    if store.meta["vocab_size"] != len(tokenizer) - appended:
+        raise HuayuError(f"token store '{store.prefix}' was built with a tokenizer of {store.meta['vocab_size']} "
+                         f"tokens ({store.meta['tokenizer']}), the model's has {len(tokenizer)}")
+
+
+def fixed_mask_validation(model, samples, collate, loss_fn, batch_size: int, seed: int) -> dict[str, float]:
     """Mean loss and its parts over `samples`, masked the same way at every evaluation (a fixed
     seed, torch's training random state put back afterwards)."""
     import torch
-
-    from huayu.data.whole_word_masking import mlm_loss
 
     state = torch.get_rng_state()
     torch.manual_seed(seed)
     sums: dict[str, float] = {}
     batches = range(0, len(samples), batch_size)
     for start in batches:
-        loss, parts = mlm_loss(model, collate(samples[start:start + batch_size]))
+        loss, parts = loss_fn(model, collate(samples[start:start + batch_size]))
         for key, value in {"loss": loss.item(), **parts}.items():
             sums[key] = sums.get(key, 0.0) + value / len(batches)
     torch.set_rng_state(state)
@@ -161,8 +182,8 @@ def build_examples(cfg: PretrainConfig, tokenizer):
     from huayu.data.cache import ArrowExamples
 
     chosen = objective(cfg)
-    if chosen == "mlm":
-        return mlm_data(cfg, tokenizer)
+    if chosen in STORE_OBJECTIVES:
+        return store_data(cfg, tokenizer, chosen)
     span = chosen == "span"
 
     def examples(paths):
