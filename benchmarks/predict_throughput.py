@@ -44,7 +44,7 @@ def random_classifier(texts: list[str], out: str) -> str:
 def main(argv=None) -> None:
     import torch
 
-    from huayu.data.classification import predict_probabilities, read_labelled
+    from huayu.data.classification import classification_collate, predict_probabilities, read_labelled, text_examples
     from huayu.deploy import OnnxConfig, export_onnx, load_backend
     from huayu.models.loading import load_tokenizer
 
@@ -57,13 +57,15 @@ def main(argv=None) -> None:
         exported, diff = export_onnx(OnnxConfig(model=model, out=f"{tmp}/onnx"))
         print(f"exported {exported}: max |logit difference| vs PyTorch {diff:.1e}")
         tokenizer = load_tokenizer(str(exported))
+        collate = classification_collate(tokenizer.pad_token_id)
         rates = {}
         for backend in ("torch", "onnx"):
             logits = load_backend(str(exported), backend)
             for batch in args.batch_sizes:
-                predict_probabilities(logits, tokenizer, texts[:4 * batch], 2, args.max_length, batch)  # warm-up
-                t0 = time.perf_counter()
-                predict_probabilities(logits, tokenizer, texts, 2, args.max_length, batch)
+                warm_up = text_examples(tokenizer, texts[:4 * batch], args.max_length)
+                predict_probabilities(logits, warm_up, collate, 2, batch)
+                t0 = time.perf_counter()  # tokenizing is part of predicting
+                predict_probabilities(logits, text_examples(tokenizer, texts, args.max_length), collate, 2, batch)
                 rates[backend, batch] = len(texts) / (time.perf_counter() - t0)
     print("\n| batch | torch seqs/s | onnx seqs/s | onnx / torch |")
     print("|---|---|---|---|")

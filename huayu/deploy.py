@@ -19,7 +19,7 @@ import numpy as np
 from huayu.config import add_config_arguments, config_from_args, field_doc
 from huayu.data.classification import (HEADERS, ClassificationExample, Logits, check_known_labels,
                                        classification_collate, encode_texts, predict_probabilities, read_labelled,
-                                       torch_logits, write_predictions)
+                                       text_examples, torch_logits, write_predictions)
 from huayu.errors import HuayuError
 
 ONNX_FILE = "model.onnx"
@@ -222,6 +222,7 @@ def run_predict(args) -> None:
     data = read_labelled(cfg.input, cfg.text_column, cfg.label_column, cfg.header)
     classes = [config.id2label[i] for i in range(config.num_labels)]
     check_known_labels(data, classes, cfg.input, "the model")
-    probs = predict_probabilities(logits, tokenizer, data.texts, config.num_labels,
-                                  usable_length(config, cfg.max_length), cfg.batch_size)
+    examples = text_examples(tokenizer, data.texts, usable_length(config, cfg.max_length))
+    probs = predict_probabilities(logits, examples, classification_collate(tokenizer.pad_token_id),
+                                  config.num_labels, cfg.batch_size)
     write_predictions(cfg.out, classes, probs, data, cfg.input if cfg.input != "-" else "stdin")

@@ -175,14 +175,17 @@ def classification_collate(pad_id: int):
 Logits = Callable[[dict], "np.ndarray"]  # a padded batch (classification_collate's tensors) -> logits
 
 
-def length_sorted_batches(tokenizer, texts: list[str], max_length: int, batch_size: int):
-    """(indices into `texts`, padded batch) with the texts sorted by length, so that a batch pads little."""
-    ids = encode_texts(tokenizer, texts, max_length)
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    collate = classification_collate(tokenizer.pad_token_id)
+def text_examples(tokenizer, texts: list[str], max_length: int) -> list[ClassificationExample]:
+    """Unlabelled `[CLS] text [SEP]` examples of `texts`."""
+    return [ClassificationExample(ids) for ids in encode_texts(tokenizer, texts, max_length)]
+
+
+def length_sorted_batches(examples: list, collate, batch_size: int):
+    """(indices into `examples`, padded batch) with the examples sorted by length, so that a batch pads little."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        yield chunk, collate([ClassificationExample(ids[i]) for i in chunk])
+        yield chunk, collate([examples[i] for i in chunk])
 
 
 def torch_logits(model) -> Logits:
@@ -201,14 +204,14 @@ def softmax(logits: "np.ndarray") -> "np.ndarray":
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def predict_probabilities(logits: Logits, tokenizer, texts: list[str], num_labels: int, max_length: int,
+def predict_probabilities(logits: Logits, examples: list, collate, num_labels: int,
                           batch_size: int) -> "np.ndarray":
-    """Class probabilities of `texts`, one row per text in input order."""
+    """Class probabilities of `examples` (text_examples, or a cloze's), one row each in input order."""
     from tqdm.auto import tqdm
 
-    probs = np.zeros((len(texts), num_labels), dtype=np.float32)
-    with tqdm(total=len(texts), desc="predict", unit="seq", file=sys.stderr, dynamic_ncols=True) as bar:
-        for chunk, batch in length_sorted_batches(tokenizer, texts, max_length, batch_size):
+    probs = np.zeros((len(examples), num_labels), dtype=np.float32)
+    with tqdm(total=len(examples), desc="predict", unit="seq", file=sys.stderr, dynamic_ncols=True) as bar:
+        for chunk, batch in length_sorted_batches(examples, collate, batch_size):
             probs[chunk] = softmax(logits(batch))
             bar.update(len(chunk))
     return probs

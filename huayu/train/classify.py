@@ -1,7 +1,9 @@
-"""`huayu finetune-cls`: fine-tune an encoder for text classification from TSV/CSV files.
+"""`huayu finetune-cls`: fine-tune an encoder, or a GLM, for text classification from TSV/CSV files.
 
 The encoder (a model huayu pre-trained with `--objective mlm`, a downloaded BERT / ERNIE, or a
 preset from random initialisation) gets a sequence-classification head over the training labels.
+A GLM fills a blank instead (huayu/data/cloze.py): `--pattern` makes each text a cloze question and
+`--verbalizer` names each class's word; the output is a GLM with the cloze recorded in cloze.json.
 Every `eval_every` steps the dev set's accuracy, macro-F1 and loss are measured and the best
 checkpoint by `best_metric` is kept; it is the final model (PaddleNLP's `load_best_model_at_end`).
 `--test` files are predicted with it: `label<TAB>probability<TAB>text` per line.
@@ -14,6 +16,7 @@ from pathlib import Path
 
 from huayu.config import add_config_arguments, config_from_args, field_doc
 from huayu.data.classification import HEADERS, Labelled
+from huayu.data.cloze import DEFAULT_PATTERN
 from huayu.errors import HuayuError
 from huayu.train.stage import StageConfig, StageData, run_stage
 
@@ -40,6 +43,10 @@ class ClassifyConfig(StageConfig):
     max_length: int = field_doc("tokens per text, [CLS] and [SEP] included (longer texts are cut)", default=256)
     best_metric: str = field_doc(f"dev metric that picks the best checkpoint: {' | '.join(BEST_METRICS)}",
                                  default="accuracy")
+    pattern: str = field_doc("GLM: the cloze question a text becomes, with {text} and one [MASK]",
+                             default=DEFAULT_PATTERN)
+    verbalizer: list[str] = field_doc("GLM: LABEL:WORD for every class, the word that fills the blank (e.g. 1:好 "
+                                      "0:差)", default_factory=list)
 
 
 def check(cfg: ClassifyConfig) -> None:
@@ -82,17 +89,26 @@ def encode(tokenizer, data: Labelled, classes: list[str], max_length: int) -> li
             for ids, label in zip(encode_texts(tokenizer, data.texts, max_length), data.labels)]
 
 
-def dev_metrics(model, examples: list, collate, batch_size: int, num_labels: int) -> dict[str, float]:
-    """Accuracy, macro-F1 (the mean over classes of each class's F1) and mean loss on `examples`."""
+def classifier_forward(model, batch: dict):
+    """(loss, logits) of a sequence classifier."""
+    out = model(**batch)
+    return out.loss, out.logits
+
+
+def dev_metrics(model, examples: list, collate, batch_size: int, num_labels: int,
+                forward=classifier_forward) -> dict[str, float]:
+    """Accuracy, macro-F1 (the mean over classes of each class's F1) and mean loss on `examples`;
+    `forward(model, batch) -> (loss, logits)`."""
     import torch
 
     confusion = torch.zeros((num_labels, num_labels), dtype=torch.long)  # gold x predicted
     loss_sum = 0.0
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start:start + batch_size])
-        out = model(**batch)
-        loss_sum += out.loss.item() * len(batch["labels"])
-        predicted = out.logits.argmax(dim=-1)
+        with torch.no_grad():
+            loss, logits = forward(model, batch)
+        loss_sum += loss.item() * len(batch["labels"])
+        predicted = logits.argmax(dim=-1)
         confusion += torch.bincount(batch["labels"] * num_labels + predicted,
                                     minlength=num_labels * num_labels).view(num_labels, num_labels)
     true_pos = confusion.diag().double()
@@ -103,9 +119,17 @@ def dev_metrics(model, examples: list, collate, batch_size: int, num_labels: int
             "loss": loss_sum / len(examples)}
 
 
+def is_cloze(cfg: ClassifyConfig) -> bool:
+    """Whether MODEL classifies by filling a blank (a GLM)."""
+    from huayu.models.families import BLANK, family_of_model
+
+    return family_of_model(cfg.model).layout == BLANK
+
+
 def stage_data(cfg: ClassifyConfig, tokenizer) -> StageData:
     from huayu.data.classification import check_known_labels, classification_collate, label_vocabulary
-    from huayu.train.loop import Evaluation
+    from huayu.data.cloze import ClozeEncoder, cloze_collate, cloze_forward, cloze_loss, parse_verbalizer
+    from huayu.train.loop import Evaluation, model_loss
 
     train, dev = read_files(cfg.data, cfg), read_files(cfg.valid_data, cfg)
     classes = label_vocabulary(train.labels)
@@ -114,28 +138,50 @@ def stage_data(cfg: ClassifyConfig, tokenizer) -> StageData:
     check_known_labels(dev, classes, ", ".join(cfg.valid_data), "the training data")
     counts = ", ".join(f"{c} {train.labels.count(c):,}" for c in classes)
     print(f"{len(train.texts):,} training texts ({counts}); {len(dev.texts):,} dev texts")
-    train_examples = encode(tokenizer, train, classes, cfg.max_length)
-    dev_examples = encode(tokenizer, dev, classes, cfg.max_length)
-    collate = classification_collate(tokenizer.pad_token_id)
+    if is_cloze(cfg):
+        cloze = parse_verbalizer(cfg.verbalizer, classes, cfg.pattern)
+        encoder = ClozeEncoder(tokenizer, cloze, cfg.max_length)
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        cloze.save(cfg.out)  # beside the model: what predicting with it needs
+        train_examples, dev_examples = (encoder.encode(d.texts, [classes.index(y) for y in d.labels])
+                                        for d in (train, dev))
+        collate, loss_fn, forward, head = cloze_collate(tokenizer.pad_token_id), cloze_loss, cloze_forward, None
+    else:
+        train_examples = encode(tokenizer, train, classes, cfg.max_length)
+        dev_examples = encode(tokenizer, dev, classes, cfg.max_length)
+        collate, loss_fn, forward, head = classification_collate(tokenizer.pad_token_id), model_loss, \
+            classifier_forward, classes
     evaluation = Evaluation(lambda model: dev_metrics(model, dev_examples, collate, cfg.train.batch_size,
-                                                      len(classes)), best=cfg.best_metric)
-    return StageData(train_examples, dev_examples, collate, evaluation=evaluation, classes=classes)
+                                                      len(classes), forward), best=cfg.best_metric)
+    return StageData(train_examples, dev_examples, collate, loss_fn, evaluation=evaluation, classes=head)
 
 
 def predict_test(cfg: ClassifyConfig) -> None:
     """Predict the --test files with the final (best) model in cfg.out."""
     import torch
 
-    from huayu.data.classification import predict_probabilities, torch_logits, write_predictions
+    from huayu.data.classification import (classification_collate, predict_probabilities, text_examples,
+                                           torch_logits, write_predictions)
+    from huayu.data.cloze import Cloze, ClozeEncoder, cloze_collate, cloze_scores
     from huayu.models.loading import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(cfg.out)
     model = load_model(cfg.out, tokenizer, dtype=torch.float32).eval()
-    classes = [model.config.id2label[i] for i in range(model.config.num_labels)]
-
     test = read_files(cfg.test, cfg, labels_optional=True)
-    probs = predict_probabilities(torch_logits(model), tokenizer, test.texts, len(classes), cfg.max_length,
-                                  cfg.train.batch_size)
+    if is_cloze(cfg):
+        cloze = Cloze.load(cfg.out)
+        classes, collate = cloze.classes, cloze_collate(tokenizer.pad_token_id)
+        examples = ClozeEncoder(tokenizer, cloze, cfg.max_length).encode(test.texts)
+
+        def logits(batch):
+            with torch.inference_mode():
+                return cloze_scores(model, batch).numpy()
+    else:
+        classes = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        examples, collate = text_examples(tokenizer, test.texts, cfg.max_length), \
+            classification_collate(tokenizer.pad_token_id)
+        logits = torch_logits(model)
+    probs = predict_probabilities(logits, examples, collate, len(classes), cfg.train.batch_size)
     write_predictions(str(Path(cfg.out) / PREDICTIONS), classes, probs, test, ", ".join(cfg.test))
 
 
