@@ -20,6 +20,7 @@ from huayu.config import add_config_arguments, config_from_args, field_doc, save
 from huayu.data.sources import DialogueDataArgs
 from huayu.errors import HuayuError
 from huayu.generation import DecodingArgs
+from huayu.models.families import CAUSAL
 
 USAGE = "usage: huayu eval MODEL --data PATH [--general-data PATH ...] --out DIR  (or MODEL --general-data PATH)"
 
@@ -131,8 +132,9 @@ def _general_loss(cfg: EvalConfig, gen, records: list) -> dict:
     from huayu.data.packing import pack, tokenize_records
     from huayu.train.loop import evaluate_loss
 
-    if gen.family.seq2seq:
-        raise HuayuError("--general-data measures a causal LM's loss on plain text; it needs a decoder-only model")
+    if gen.family.layout != CAUSAL:
+        raise HuayuError("--general-data measures a causal LM's loss on plain text; it needs a decoder-only model, "
+                         f"not a {gen.family.name} model")
     if not 2 <= cfg.general_seq_len <= gen.max_positions:
         raise HuayuError(f"--general-seq-len must be between 2 and the model's context of "
                          f"{gen.max_positions} tokens, got {cfg.general_seq_len}")

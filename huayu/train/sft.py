@@ -108,6 +108,12 @@ def replay_dataset(cfg: SftConfig, tokenizer):
         general = replace(cfg.dialogue, format="auto", prompt_column=None, response_column=None)
         parts.append(dialogue_dataset(replace(cfg, dialogue=general), tokenizer, dialogue_paths, "train"))
     if text_paths:
+        from huayu.models.families import BLANK, family_of_model
+
+        if family_of_model(cfg.model).layout == BLANK:
+            raise HuayuError(f"--replay-data {', '.join(text_paths)}: plain text is replayed as causal-LM blocks, "
+                             "which a GLM does not learn from; replay dialogue files, or continue pre-training "
+                             "with --objective blank")
         parts.append(block_dataset(tokenizer, text_paths, seq_limit(cfg), cfg.skip_invalid, cfg))
     return concatenate_datasets(parts)
 
