@@ -369,3 +369,11 @@ def test_glm_needs_a_verbalizer_and_fill_needs_a_glm(tmp_path, tiny_model_dir, l
     assert "blank filling needs a GLM" in capsys.readouterr().err
     assert main(["generate", lively_glm_dir, "--fill", "--prompt", "你好"]) != 0
     assert "nothing to fill" in capsys.readouterr().err
+
+
+def test_show_masked_prints_blank_infilling_samples(store, capsys):
+    from huayu.cli import main
+
+    assert main(["data", "show-masked", store.prefix, "--objective", "blank", "--samples", "2", "--seq-len", "48"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("part A:") == 2 and "<sop>" in out and "<eop>" in out

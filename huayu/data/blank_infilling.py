@@ -197,3 +197,32 @@ def collate_blank(examples: list[dict], pad_id: int) -> dict:
         batch["position_ids"][row, :, :n] = torch.from_numpy(e["position_ids"])
         batch["attention_mask"][row, :n] = 1
     return batch
+
+
+def show_samples(store, tokenizer, seq_len: int, args: BlankArgs, count: int, split: str | None, seed: int) -> None:
+    """Print samples as `huayu data show-masked --objective blank` shows them: the objective, the
+    original text, Part A, and Part B with each span's targets."""
+    from huayu.data.whole_word_masking import build_samples
+    from huayu.models.families import GLM
+
+    GLM.add_special_tokens(tokenizer)
+    collate = BlankInfilling(store, tokenizer, seq_len, args)
+    samples = build_samples(store, store.split(split)[0], collate.budget + 2, 0.0, False, seed)
+    if not len(samples):
+        raise HuayuError(f"'{store.prefix}' gives no samples")
+    rng = np.random.default_rng(seed)
+    for k, i in enumerate(rng.choice(len(samples), size=min(count, len(samples)), replace=False)):
+        tokens, sentences = collate.sample_tokens(samples[i])
+        blanks = collate.blanks(len(tokens), sentences, rng)
+        e = collate.example(tokens, blanks, rng)
+        part_a = int((e["labels"] == IGNORE).sum())
+
+        def show(ids):
+            return " ".join(tokenizer.convert_ids_to_tokens(ids.tolist()))
+
+        print(f"sample {k + 1} (#{i}, {blanks.objective} level: {len(blanks.spans)} span(s) of {len(tokens)} tokens "
+              f"-> {len(e['input_ids'])} tokens)")
+        print("original: " + show(tokens))
+        print("part A:   " + show(e["input_ids"][:part_a]))
+        print("part B:   " + show(e["input_ids"][part_a:]))
+        print("targets:  " + show(e["labels"][part_a:]) + "\n")

@@ -21,6 +21,7 @@ import numpy as np
 
 from huayu.config import add_config_arguments, config_from_args, field_doc
 from huayu.data.batching import IGNORE
+from huayu.data.blank_infilling import BlankArgs
 from huayu.errors import HuayuError
 
 
@@ -195,8 +196,9 @@ def mlm_loss(model, batch: dict):
 # ---------------------------------------------------------------- `huayu data show-masked`
 
 @dataclass
-class ShowConfig(MaskingArgs):
+class ShowConfig(BlankArgs, MaskingArgs):
     store: str | None = field_doc("token store prefix (from huayu data index)", positional=True, default=None)
+    objective: str = field_doc("mlm (ERNIE's whole-word masking) or blank (GLM's blank infilling)", default="mlm")
     tokenizer: str | None = field_doc("tokenizer directory (default: the one the store was built with)",
                                       default=None)
     seq_len: int = field_doc("tokens per sample", default=128)
@@ -215,9 +217,16 @@ def run_show(args) -> int:
 
     cfg = config_from_args(ShowConfig, args)
     if not cfg.store:
-        raise HuayuError("usage: huayu data show-masked PREFIX [--sop] [--seq-len N]")
+        raise HuayuError("usage: huayu data show-masked PREFIX [--sop] [--seq-len N] [--objective mlm|blank]")
+    if cfg.objective not in ("mlm", "blank"):
+        raise HuayuError(f"--objective must be mlm or blank, got '{cfg.objective}'")
     store = TokenStore(cfg.store)
     tokenizer = load_tokenizer(cfg.tokenizer or store.meta["tokenizer"])
+    if cfg.objective == "blank":
+        from huayu.data.blank_infilling import show_samples
+
+        show_samples(store, tokenizer, cfg.seq_len, cfg, cfg.samples, cfg.split, cfg.seed)
+        return 0
     masking = WholeWordMasking(store, tokenizer, cfg.seq_len, cfg.masked_lm_prob, cfg.sop)
     samples = build_samples(store, store.split(cfg.split)[0], cfg.seq_len, cfg.short_seq_prob, cfg.sop, cfg.seed)
     if not len(samples):
