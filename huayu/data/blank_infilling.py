@@ -60,7 +60,7 @@ class BlankInfilling:
     """The collate function of blank-infilling pre-training: samples -> GLM batches."""
 
     def __init__(self, store, tokenizer, seq_len: int, args: BlankArgs):
-        from huayu.models.glm import EOP, GMASK, MASK, SMASK, SOP
+        from huayu.data.templates import EOP, GMASK, MASK, SMASK, SOP
 
         ids = dict(zip((MASK, SMASK, GMASK, SOP, EOP), tokenizer.convert_tokens_to_ids([MASK, SMASK, GMASK, SOP, EOP])))
         missing = [t for t, i in ids.items() if i is None or i == tokenizer.unk_token_id]

@@ -78,7 +78,7 @@ class ClozeEncoder:
     """Texts -> ClozeExamples of at most `max_length` tokens (the text is cut to fit)."""
 
     def __init__(self, tokenizer, cloze: Cloze, max_length: int):
-        from huayu.models.glm import MASK, SOP
+        from huayu.data.templates import MASK, SOP
 
         if cloze.pattern.count("{text}") != 1:
             raise HuayuError(f"--pattern must contain {{text}} exactly once, got {cloze.pattern!r}")

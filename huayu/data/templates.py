@@ -11,6 +11,8 @@ from __future__ import annotations
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 SYSTEM, USER, ASSISTANT, SEP = "<|system|>", "<|user|>", "<|assistant|>", "<sep>"
 MASK = "[MASK]"  # what a masked-LM encoder learns to fill (BERT's and ERNIE's spelling)
+# GLM's other tokens (huayu/models/glm.py), added to a tokenizer when a GLM is built with it
+SMASK, GMASK, SOP, EOP = "[sMASK]", "[gMASK]", "<sop>", "<eop>"
 SPECIAL_TOKENS = [PAD, UNK, BOS, EOS, SYSTEM, USER, ASSISTANT, SEP, MASK]
 
 # Every turn is "<|role|>content</s>"; generation stops at </s> (the tokenizer's eos token).

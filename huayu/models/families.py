@@ -11,14 +11,15 @@ import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
+from huayu.data.templates import EOP, GMASK, MASK, SMASK, SOP
 from huayu.errors import HuayuError
 from huayu.models.presets import (DECODER_PRESETS, ENCODER_DECODER_PRESETS, ENCODER_PRESETS, GLM_PRESETS,
                                   decoder_config, encoder_config, encoder_decoder_config, glm_config)
 
 CAUSAL, SEQ2SEQ, BLANK, ENCODE = "causal", "seq2seq", "blank", "encode"
 # GLM's tokens (huayu/models/glm.py), by the config field that records each id
-GLM_SPECIAL_TOKENS = {"mask_token_id": "[MASK]", "smask_token_id": "[sMASK]", "gmask_token_id": "[gMASK]",
-                      "sop_token_id": "<sop>", "eop_token_id": "<eop>"}
+GLM_SPECIAL_TOKENS = {"mask_token_id": MASK, "smask_token_id": SMASK, "gmask_token_id": GMASK,
+                      "sop_token_id": SOP, "eop_token_id": EOP}
 
 
 @dataclass(frozen=True)

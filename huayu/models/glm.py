@@ -28,10 +28,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from huayu.data.batching import IGNORE
+
 MODEL_TYPE = "huayu-glm"
-MASK, SMASK, GMASK, SOP, EOP = "[MASK]", "[sMASK]", "[gMASK]", "<sop>", "<eop>"
-GLM_TOKENS = (MASK, SMASK, GMASK, SOP, EOP)
-IGNORE = -100
 
 
 class GLMConfig(PretrainedConfig):
