@@ -292,7 +292,7 @@ def test_cloze_scores_each_candidate_as_if_it_were_alone(lively_glm_dir):
 
     tokenizer, model = load_for_inference(lively_glm_dir)
     model.eval()
-    cloze = Cloze("[MASK]：{text}", ["0", "1", "2"], ["不好", "好", "很好啊"])
+    cloze = Cloze("[MASK]：{text}", ["0", "1", "2"], ["不好", "好", "我很好"])
     encoder = ClozeEncoder(tokenizer, cloze, max_length=40)
     texts = ["今天天气很好，适合出去走走。", "我有点累了"]
     scores = cloze_scores(model, cloze_collate(tokenizer.pad_token_id)(encoder.encode(texts)))

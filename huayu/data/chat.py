@@ -168,7 +168,7 @@ def encode_source_target(tokenizer, messages: list[dict], max_source_length: int
 # -- GLM: the context (with the chat template) is Part A, the reply one [gMASK] span -----------------
 
 def _glm_ids(tokenizer) -> tuple[int, int, int]:
-    from huayu.models.glm import EOP, GMASK, SOP
+    from huayu.data.templates import EOP, GMASK, SOP
 
     return tuple(tokenizer.convert_tokens_to_ids([GMASK, SOP, EOP]))
 
