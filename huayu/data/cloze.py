@@ -123,8 +123,8 @@ class ClozeEncoder:
 
 
 def cloze_collate(pad_id: int):
-    """Right-padded batches with an isolated-span (batch, query, key) mask; `labels` (the classes)
-    when every example has one."""
+    """Right-padded batches with the padding mask and an isolated-span (batch, query, key)
+    `span_mask`; `labels` (the classes) when every example has one."""
     import torch
 
     from huayu.models.glm import span_attention_mask
@@ -143,7 +143,8 @@ def cloze_collate(pad_id: int):
             batch["spans"][row, :n] = torch.from_numpy(e.spans)
             batch["targets"][row, :n] = torch.from_numpy(e.targets)
             valid[row, :n] = True
-        batch["attention_mask"] = span_attention_mask(batch["spans"], valid, isolate=True)
+        batch["attention_mask"] = valid.long()   # what the training loop counts as tokens
+        batch["span_mask"] = span_attention_mask(batch["spans"], valid, isolate=True)
         if all(e.label >= 0 for e in examples):
             batch["labels"] = torch.tensor([e.label for e in examples])
         return batch
@@ -155,7 +156,7 @@ def cloze_scores(model, batch: dict) -> "torch.Tensor":
     """(batch, classes) log-likelihoods of each class's word in the blank."""
     import torch
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["span_mask"],
                    position_ids=batch["position_ids"]).logits
     logp = torch.log_softmax(logits.float(), dim=-1)
     scored = batch["targets"] != IGNORE
