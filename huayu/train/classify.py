@@ -26,9 +26,9 @@ PREDICTIONS = "test_predictions.tsv"
 
 @dataclass
 class ClassifyConfig(StageConfig):
-    model: str = field_doc("encoder to fine-tune: a model directory (huayu pretrain --objective mlm's output, a "
-                           "downloaded BERT/ERNIE) or an encoder preset (ernie-3.0-nano, ...: random init)",
-                           positional=True, default=None)
+    model: str = field_doc("encoder or GLM to fine-tune: a model directory (huayu pretrain --objective mlm or "
+                           "blank's output, a downloaded BERT/ERNIE) or a preset (ernie-3.0-nano, glm-nano, ...: "
+                           "random init)", positional=True, default=None)
     data: list[str] = field_doc("training file(s): TSV (.tsv/.txt) or CSV (.csv), optionally .gz",
                                 aliases=("--train",), default_factory=list)
     valid_data: list[str] = field_doc("dev file(s), evaluated every eval_every steps", aliases=("--dev",),
