@@ -107,7 +107,7 @@ class ChatModel:
 def load(path: str, adapter: str | None = None, quantization: str | None = None, dtype=None,
          max_source_length: int | None = None) -> ChatModel:
     """The model at `path` (a model directory, or an adapter directory whose base is known here),
-    with `adapter` applied and `quantization` ("int8") done on loading. `max_source_length` caps the
+    with `adapter` applied and `quantization` ("int8", "int4": weight-only) done on loading. `max_source_length` caps the
     dialogue history fed to the model (default: half its context), cut from the oldest turn."""
     return ChatModel(Generator.load(path, dtype=dtype, adapter=adapter, quantization=quantization), path,
                      max_source_length)

@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "metrics": ("huayu.evaluation.metrics_command", "Score hypothesis lines against reference lines"),
     "export merge": ("huayu.export:merge", "Merge a LoRA adapter into its base model (a plain HF model)"),
     "export reshard": ("huayu.export:reshard", "Write a model as safetensors shards of a chosen size, with an index"),
+    "quantize": ("huayu.export:quantize", "Weight-only int8 / group-wise int4 quantization of a generative model for the CPU"),
     "export onnx": ("huayu.deploy:onnx", "Export a text classifier to ONNX (checked against PyTorch)"),
     "predict": ("huayu.deploy:predict", "Batched classification of texts from a file or stdin (ONNX Runtime or PyTorch)"),
     "generate": ("huayu.generation_command", "Generate continuations for prompts"),

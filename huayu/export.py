@@ -1,5 +1,6 @@
 """`huayu export merge`: fold a LoRA adapter into its base model; `huayu export reshard`: the same
-model in safetensors shards of a chosen size.
+model in safetensors shards of a chosen size; `huayu quantize`: the same model with int8 or int4
+weights (huayu.quantization).
 
 A merge is a plain Hugging Face model (safetensors + tokenizer) that loads and decodes without
 peft and with no adapter overhead, and gives the same outputs as base + adapter. Prefix adapters
@@ -84,40 +85,104 @@ def _is_weight_file(name: str) -> bool:
         (name.startswith("pytorch_model-") and name.endswith(".bin"))
 
 
-def reshard(cfg: ReshardConfig) -> tuple[Path, int]:
-    """Write cfg.model's weights as shards of at most cfg.max_shard_size into cfg.out, with its
-    tokenizer and every other file of the directory (chat template record, cloze.json, configs);
-    (cfg.out, number of shards). Built under a temporary name, then renamed."""
-    from huayu.models.loading import is_adapter_dir, load_model, load_tokenizer
+def _check_model_out(model: str, out: str, usage: str) -> None:
+    from huayu.models.loading import is_adapter_dir
 
-    if not (cfg.model and cfg.out):
-        raise HuayuError("usage: huayu export reshard MODEL --max-shard-size 50MB --out DIR")
-    if is_adapter_dir(cfg.model):
-        raise HuayuError(f"'{cfg.model}' is an adapter: merge it into its base first (huayu export merge)")
-    if not Path(cfg.model, "config.json").exists():
-        raise HuayuError(f"'{cfg.model}' is not a model directory (it has no config.json)")
-    if Path(cfg.out).exists() and any(Path(cfg.out).iterdir()):
-        raise HuayuError(f"--out '{cfg.out}' exists and is not empty: choose another directory")
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, tokenizer, dtype="auto")
-    out = Path(cfg.out)
+    if not (model and out):
+        raise HuayuError(f"usage: {usage}")
+    if is_adapter_dir(model):
+        raise HuayuError(f"'{model}' is an adapter: merge it into its base first (huayu export merge)")
+    if not Path(model, "config.json").exists():
+        raise HuayuError(f"'{model}' is not a model directory (it has no config.json)")
+    if Path(out).exists() and any(Path(out).iterdir()):
+        raise HuayuError(f"--out '{out}' exists and is not empty: choose another directory")
+
+
+def _write_model_dir(source: str, out: str, tokenizer, write_weights, record: dict) -> Path:
+    """`out` holding what write_weights(dir) writes, the tokenizer, every other file of `source`
+    (chat template record, cloze.json, configs) and the export record, completed by what
+    write_weights returns: built under a temporary name, then renamed, so an interrupted export
+    never leaves a half-written model."""
+    out = Path(out)
     tmp = out.parent / f".tmp-{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(tmp, max_shard_size=cfg.max_shard_size)
-    except ValueError as exc:
-        raise HuayuError(f"--max-shard-size {cfg.max_shard_size!r}: {exc}") from None
+    tmp.mkdir(parents=True)
+    record = {"source": str(Path(source).resolve()), **record, **write_weights(tmp)}
     tokenizer.save_pretrained(tmp)
-    for source in Path(cfg.model).iterdir():
-        if source.is_file() and not _is_weight_file(source.name) and not (tmp / source.name).exists():
-            shutil.copy(source, tmp / source.name)
-    shards = len(list(tmp.glob("model*.safetensors")))
-    record = {"source": str(Path(cfg.model).resolve()), "method": "reshard", "max_shard_size": cfg.max_shard_size,
-              "shards": shards}
+    for file in Path(source).iterdir():
+        if file.is_file() and not _is_weight_file(file.name) and not (tmp / file.name).exists():
+            shutil.copy(file, tmp / file.name)
     (tmp / EXPORT_FILE).write_text(yaml.safe_dump(record, allow_unicode=True, sort_keys=False), encoding="utf-8")
-    shutil.rmtree(out, ignore_errors=True)  # empty, checked above
+    shutil.rmtree(out, ignore_errors=True)  # empty, checked before
     os.replace(tmp, out)
-    return out, shards
+    return out
+
+
+def reshard(cfg: ReshardConfig) -> tuple[Path, int]:
+    """Write cfg.model's weights as shards of at most cfg.max_shard_size into cfg.out;
+    (cfg.out, number of shards)."""
+    from huayu.models.loading import load_model, load_tokenizer
+
+    _check_model_out(cfg.model, cfg.out, "huayu export reshard MODEL --max-shard-size 50MB --out DIR")
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, tokenizer, dtype="auto")
+    if getattr(model.config, "huayu_quantization", None):
+        raise HuayuError(f"'{cfg.model}' is quantized: reshard the full-precision model, then quantize")
+
+    def write(tmp: Path) -> dict:
+        try:
+            model.save_pretrained(tmp, max_shard_size=cfg.max_shard_size)
+        except ValueError as exc:
+            raise HuayuError(f"--max-shard-size {cfg.max_shard_size!r}: {exc}") from None
+        return {"shards": len(list(tmp.glob("model*.safetensors")))}
+
+    out = _write_model_dir(cfg.model, cfg.out, tokenizer, write,
+                           {"method": "reshard", "max_shard_size": cfg.max_shard_size})
+    return out, len(list(out.glob("model*.safetensors")))
+
+
+@dataclass
+class QuantizeConfig:
+    model: str = field_doc("model directory of a generative model (decoder, T5, GLM)", positional=True, default=None)
+    bits: int = field_doc("8: int8 weights, one scale per row; 4: int4 weights in groups", default=8)
+    group_size: int = field_doc("int4: input columns sharing one scale and zero (32, 64, 128, 256)", default=32)
+    out: str = field_doc("output directory (must not exist, or be empty)", default=None)
+
+
+def quantize(cfg: QuantizeConfig) -> tuple[Path, dict]:
+    """cfg.model with weight-only quantized Linear layers, saved into cfg.out; (cfg.out, record)."""
+    from huayu.models.loading import load_model, load_tokenizer
+    from huayu.quantization import check_quantization, quantize_model, save_quantized
+
+    _check_model_out(cfg.model, cfg.out, "huayu quantize MODEL --bits 8|4 [--group-size 32] --out DIR")
+    check_quantization(cfg.bits, cfg.group_size)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, tokenizer, dtype="auto")
+    if not model.can_generate():
+        raise HuayuError(f"'{cfg.model}' ({model.config.model_type}) does not generate text: huayu quantize "
+                         "is for decoders, T5 and GLM models")
+    record = quantize_model(model, cfg.bits, cfg.group_size)
+
+    def write(tmp: Path) -> dict:
+        save_quantized(model, tmp)
+        return {"bits": cfg.bits, "group_size": record["group_size"],
+                "int8_layers": sum(b == 8 for b in record["layers"].values()),
+                "int4_layers": sum(b == 4 for b in record["layers"].values())}
+
+    return _write_model_dir(cfg.model, cfg.out, tokenizer, write, {"method": "quantize"}), record
+
+
+def add_quantize_arguments(parser) -> None:
+    add_config_arguments(parser, QuantizeConfig)
+
+
+def run_quantize(args) -> None:
+    cfg = config_from_args(QuantizeConfig, args)
+    out, record = quantize(cfg)
+    counts = {b: sum(v == b for v in record["layers"].values()) for b in (8, 4)}
+    size = sum(f.stat().st_size for f in out.glob("model*.safetensors"))
+    print(f"quantized '{cfg.model}' into {out}: {counts[4]} int4 and {counts[8]} int8 Linear layers, "
+          f"weights {size / 2**20:.1f} MiB")
 
 
 def add_reshard_arguments(parser) -> None:

@@ -1,5 +1,5 @@
 """The Python API (`huayu.load`): chat, streaming chat, batched generation, the chat-template check,
-int8 on loading, and `huayu serve --adapter` through the same loading path."""
+and `huayu serve --adapter` through the same loading path (quantizing on loading: test_quantization)."""
 
 import json
 import shutil
@@ -91,16 +91,6 @@ def test_a_model_without_template_says_it_was_not_tuned_for_chat(lively_model_di
     assert "has no chat template" in m.template_problem
     with pytest.warns(TemplateWarning, match="not fine-tuned for chat"):
         assert m.chat("你好", **GREEDY)[0] == huayu.load(lively_model_dir).chat("你好", **GREEDY)[0]
-
-
-def test_int8_on_loading(lively_model_dir):
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
-
-    q = huayu.load(lively_model_dir, quantization="int8")
-    assert sum(isinstance(m, DynamicInt8Linear) for m in q.model.modules()) == 4 * 7 + 1  # 4 layers + lm_head
-    assert q.generate("春天来了，", max_new_tokens=4)[0]
-    with pytest.raises(HuayuError, match="quantization must be one of int8"):
-        huayu.load(lively_model_dir, quantization="int3")
 
 
 def test_serve_with_an_adapter(lively_model_dir, tmp_path):

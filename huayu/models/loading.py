@@ -23,6 +23,13 @@ def _is_model_dir(spec: str) -> bool:
     return Path(spec).is_dir() and (Path(spec) / "config.json").exists()
 
 
+def is_quantized_dir(path) -> bool:
+    """A model directory written by `huayu quantize` (its config carries the quantization record)."""
+    from huayu.quantization import RECORD
+
+    return RECORD in json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+
+
 def is_adapter_dir(path) -> bool:
     """A peft adapter directory (adapter_config.json) that is not also a full model."""
     return (Path(path) / ADAPTER_CONFIG).exists() and not _is_model_dir(str(path))
@@ -79,6 +86,9 @@ def load_model(spec: str, tokenizer, dtype=None, seed: int = 0, adapter: str | N
     spec, adapter = resolve_adapter(spec, adapter)
     if adapter is None:
         return _load_base(spec, tokenizer, dtype, seed, classes)
+    if _is_model_dir(spec) and is_quantized_dir(spec):
+        raise HuayuError(f"'{spec}' is quantized: merge the adapter into the full-precision base first "
+                         f"(huayu export merge), then quantize the merged model")
     mismatch = _check_adapter_base(spec, adapter)  # first: a wrong base's vocabulary would fail less clearly
     return _attach_adapter(_load_base(spec, tokenizer, dtype, seed, classes), adapter, mismatch, trainable_adapter)
 
@@ -104,9 +114,16 @@ def _load_base(spec: str, tokenizer, dtype, seed: int, classes: list[str] | None
     if _is_model_dir(spec):
         from transformers import AutoConfig
 
+        from huayu.quantization import is_quantized, load_quantized
+
         config = AutoConfig.from_pretrained(spec)
         classifier = classes is not None or is_classifier(config)
         auto = transformers.AutoModelForSequenceClassification if classifier else family_of(config).auto()
+        if is_quantized(config):
+            if classes is not None:
+                raise HuayuError(f"'{spec}' is quantized, for inference only: build the classifier from the "
+                                 "full-precision model")
+            return load_quantized(spec, config, auto, dtype)
         torch.manual_seed(seed)  # a new classification head is initialised reproducibly
         with _quiet_new_head(classes is not None):
             # by absolute path, so that an adapter trained on this model records where its base is
@@ -150,22 +167,20 @@ def load_for_inference(spec: str, adapter: str | None = None, dtype=None):
     return tokenizer, load_model(spec, tokenizer, dtype=dtype, adapter=adapter)
 
 
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = {"int8": 8, "int4": 4}
 
 
 def quantize_for_inference(model, quantization: str | None):
-    """`model` with its Linear layers quantized on loading: "int8" is torch's dynamic int8
-    (int8 weights, activations quantized per batch), which runs on any CPU. None: unchanged."""
+    """`model` with its Linear layers quantized on loading (weight-only int8, or int4 in groups of
+    32: huayu.quantization), as `huayu quantize` would save it. None: unchanged."""
     if quantization is None:
         return model
     if quantization not in QUANTIZATIONS:
         raise HuayuError(f"quantization must be one of {', '.join(QUANTIZATIONS)} (or None), got {quantization!r}")
-    import torch
-    from torch.ao.quantization import quantize_dynamic
+    from huayu.quantization import quantize_model
 
-    with warnings.catch_warnings():  # torch deprecates quantized tensors in favour of torchao
-        warnings.simplefilter("ignore", UserWarning)
-        return quantize_dynamic(model.float(), {torch.nn.Linear}, dtype=torch.qint8)
+    quantize_model(model, QUANTIZATIONS[quantization])
+    return model
 
 
 @contextlib.contextmanager

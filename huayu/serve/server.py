@@ -28,7 +28,7 @@ class ServeConfig:
     model: str = field_doc("model directory (or an adapter directory whose base is known)", positional=True,
                            default=None)
     adapter: str | None = field_doc("LoRA or prefix adapter directory applied on top of MODEL", default=None)
-    quantization: str | None = field_doc("quantize on loading: int8", default=None)
+    quantization: str | None = field_doc("quantize on loading: int8 or int4 (weight-only; or serve a huayu quantize output)", default=None)
     host: str = field_doc("address to listen on", default="127.0.0.1")
     port: int = field_doc("port to listen on", default=8000)
     api_key: str | None = field_doc("require `Authorization: Bearer KEY` on /v1/*", default=None)

@@ -26,7 +26,7 @@ class WebUIConfig:
     model: str = field_doc("model directory (or a LoRA/prefix adapter directory whose base is known)",
                            positional=True, default=None)
     adapter: str | None = field_doc("LoRA or prefix adapter directory applied on top of MODEL", default=None)
-    quantization: str | None = field_doc('"int8" to quantize the weights on loading', default=None)
+    quantization: str | None = field_doc('"int8" or "int4" to quantize the weights on loading', default=None)
     host: str = field_doc("address to listen on (0.0.0.0: every interface)", default="127.0.0.1")
     port: int = field_doc("port to listen on", default=7860)
     system: str | None = field_doc("optional system message", default=None)

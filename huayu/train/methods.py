@@ -68,7 +68,12 @@ def check_finetuning(args: FinetuningArgs) -> None:
 def apply_finetuning(model, args: FinetuningArgs):
     """`model` prepared for `args.finetuning_type`: a PeftModel for lora/prefix (base weights
     frozen), the same model otherwise (all of it, or only the chosen layers, trainable)."""
+    from huayu.quantization import is_quantized
+
     check_finetuning(args)
+    if is_quantized(model.config):
+        raise HuayuError("the model is quantized, for inference only: train the full-precision model "
+                         "(and quantize the result with huayu quantize)")
     return _APPLY[args.finetuning_type](model, args)
 
 
