@@ -1,7 +1,14 @@
-"""Decoding for chat, eval and generate: transformers' `generate()` behind one small interface.
+"""Decoding for chat, eval and generate behind one small interface.
 
 Greedy, beam search and sampling (temperature, top-k, top-p), repetition penalty, max new tokens,
 stop at EOS, batched prompts with left padding, and token streaming.
+
+Decoder-only models decode greedily or by sampling in huayu's own loop: per step one forward and
+one token choice, with no logits-processor machinery. With `compile` the forward runs over a
+preallocated (static) key/value cache, so it has fixed shapes and is torch.compile'd once: about
+2.3× the tokens/s of transformers' `generate()` for a 10M model on a CPU
+(benchmarks/decode_speed.py), with the same greedy outputs.
+Beam search, n-gram bans, encoder-decoders, GLM and prefix adapters go through `generate()`.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ class DecodingArgs:
     repetition_penalty: float = field_doc("penalty for repeating tokens (1.0: off)", default=1.0)
     no_repeat_ngram_size: int = field_doc("forbid repeating n-grams of this size (0: off)", default=0)
     length_penalty: float = field_doc("beam-search length penalty", default=1.0)
+    compile: bool = field_doc("torch.compile the decode step: a one-off 3-30 s, then about twice the tokens/s",
+                              default=False)
 
 
 # EVA's interactive scripts: eva_inference_interactive_beam.sh and ..._no_beam.sh
@@ -81,6 +90,7 @@ class Generator:
         self.eos_ids = sorted(i for i in eos if i is not None)
         self.template_problem: str | None = None
         self._warned = False
+        self.loop = DecoderLoop(model) if DecoderLoop.supports(model, self.family) else None
 
     @classmethod
     def load(cls, path: str, dtype=None, adapter: str | None = None, quantization: str | None = None) -> "Generator":
@@ -102,6 +112,7 @@ class Generator:
 
         check_decoding(d)
         kwargs = dataclasses.asdict(d)
+        kwargs.pop("compile")
         if not d.do_sample:  # sampling knobs are meaningless (and warned about) without sampling
             for key in ("temperature", "top_k", "top_p"):
                 kwargs.pop(key)
@@ -133,11 +144,22 @@ class Generator:
         import torch
 
         inputs = self._inputs(prompts, d)
-        with torch.no_grad():
-            out = self.model.generate(**inputs, generation_config=self._config(d))
-        rows = self.family.new_tokens(out, inputs["input_ids"].shape[1]).tolist()
+        if self._own_loop_for(d):
+            rows = [[] for _ in prompts]
+            for tokens in self.loop.decode(inputs, d, self.eos_ids):
+                for row, t in zip(rows, tokens):
+                    row.append(t)
+        else:
+            with torch.no_grad():
+                out = self.model.generate(**inputs, generation_config=self._config(d))
+            rows = self.family.new_tokens(out, inputs["input_ids"].shape[1]).tolist()
         ends = set(self.eos_ids)
         return [row[:next((i for i, t in enumerate(row) if t in ends), len(row))] for row in rows]
+
+    def _own_loop_for(self, d: DecodingArgs) -> bool:
+        """Whether huayu's own loop decodes with `d` (else transformers' generate())."""
+        check_decoding(d)
+        return self.loop is not None and d.num_beams == 1 and d.no_repeat_ngram_size == 0
 
     def generate_ids(self, prompts: list[list[int]], d: DecodingArgs) -> list[str]:
         """Decode a batch of token-id prompts (left-padded); return the new text of each."""
@@ -176,6 +198,9 @@ class Generator:
         if d.num_beams > 1:
             yield self.generate_ids([prompt], d)[0]
             return
+        if self._own_loop_for(d):
+            yield from self._stream_own_loop(prompt, d)
+            return
         abandoned = threading.Event()
 
         class Abandoned(StoppingCriteria):
@@ -205,6 +230,22 @@ class Generator:
         if failure:
             raise failure[0]
 
+    def _stream_own_loop(self, prompt: list[int], d: DecodingArgs) -> Iterator[str]:
+        """Text pieces as the loop makes tokens; a piece ending inside a character waits."""
+        out, sent = [], 0
+        for (token,) in self.loop.decode(self._inputs([prompt], d), d, self.eos_ids):
+            if token in self.eos_ids:
+                break
+            out.append(token)
+            text = self.tokenizer.decode(out, skip_special_tokens=True)
+            end = len(text) - (1 if text.endswith("\ufffd") else 0)
+            if end > sent:
+                yield text[sent:end]
+                sent = end
+        text = self.tokenizer.decode(out, skip_special_tokens=True)
+        if len(text) > sent:
+            yield text[sent:]
+
     def encode_text(self, text: str) -> list[int]:
         """The prompt that continues raw `text` (for GLM: the text, [gMASK], <sop>)."""
         ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
@@ -217,6 +258,135 @@ class Generator:
             warnings.warn(self.template_problem, TemplateWarning, stacklevel=2)
             self._warned = True
         return self.family.encode_prompt(self.tokenizer, messages, max_source_length or self.max_positions)
+
+
+class DecoderLoop:
+    """Greedy or sampled decoding of a decoder-only model, one forward and one token choice per
+    step. Eagerly the key/value cache grows in place; compiled, it is transformers' StaticCache,
+    allocated once per call for prompt + new tokens, so that every step has the same shapes and the
+    step compiled once is replayed."""
+
+    def __init__(self, model):
+        from huayu.models.families import cache_argument
+
+        peft = hasattr(model, "get_base_model")
+        self.model = model.get_base_model() if peft else model  # LoRA layers live inside the base
+        self.cache_argument = cache_argument(self.model)
+        self.compiled = None
+
+    @staticmethod
+    def supports(model, family) -> bool:
+        """A decoder-only model whose forward takes a cache object and compiles whole; not a prefix
+        (prompt-learning) adapter, which brings a cache of its own."""
+        from huayu.models.families import CAUSAL, cache_argument
+
+        if getattr(getattr(model, "peft_config", {}).get("default"), "is_prompt_learning", False):
+            return False
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return family.layout == CAUSAL and getattr(base, "_can_compile_fullgraph", False) and \
+            cache_argument(base) is not None
+
+    def _step(self, ids, mask, positions, cache_position, cache):
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache_position=cache_position,
+                         use_cache=True, logits_to_keep=1, **{self.cache_argument: cache})
+        return out.logits[:, -1].float()
+
+    def _decode_step(self, d: DecodingArgs):
+        if not d.compile:
+            return self._step
+        if self.compiled is None:
+            import torch
+
+            # the C++ wrapper calls the generated kernels without a Python frame per op: most of the gain
+            self.compiled = torch.compile(self._step, options={"cpp_wrapper": True})
+        return self.compiled
+
+    @staticmethod
+    def _guards_checked_once(d: DecodingArgs, first_step: bool):
+        """After the first step of a call, every step has the shapes and objects the compiled step
+        was checked against, so dynamo's per-call guard checks (a fifth of a step) are skipped."""
+        import contextlib
+
+        import torch
+
+        if not d.compile or first_step:
+            return contextlib.nullcontext()
+        return torch.compiler.set_stance(skip_guard_eval_unsafe=True)
+
+    def decode(self, inputs: dict, d: DecodingArgs, eos_ids: list[int]) -> Iterator[list[int]]:
+        """Yield one token per row per step, until every row has ended or d.max_new_tokens."""
+        import torch
+        from transformers import StaticCache
+
+        from huayu.serve.sampling import SamplingParams, choose_tokens
+
+        ids, prompt_mask = inputs["input_ids"], inputs["attention_mask"]
+        rows, width = ids.shape
+        length = -(-(width + d.max_new_tokens) // 128) * 128  # few distinct shapes: few compilations
+        cache = StaticCache(config=self.model.config, max_cache_len=length) if d.compile else growing_cache()
+        mask = torch.nn.functional.pad(prompt_mask, (0, length - width), value=1)  # the future: causally hidden
+        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        params = [SamplingParams(temperature=d.temperature if d.do_sample else 0, top_k=d.top_k, top_p=d.top_p,
+                                 repetition_penalty=d.repetition_penalty)] * rows
+        histories = [row[m.bool()].tolist() for row, m in zip(ids, prompt_mask)]
+        outputs = [[] for _ in range(rows)]
+        ended = [False] * rows
+        step = self._decode_step(d)
+        with torch.inference_mode():
+            logits = self._step(ids, mask[:, :width], positions, torch.arange(width), cache)
+            positions = positions[:, -1:]
+            for t in range(d.max_new_tokens):
+                tokens = choose_tokens(logits, params, [None] * rows, histories, outputs, [])
+                tokens = [eos_ids[0] if e else token for token, e in zip(tokens, ended)]
+                yield tokens
+                for i, token in enumerate(tokens):
+                    outputs[i].append(token)
+                    histories[i].append(token)
+                    ended[i] = ended[i] or token in eos_ids
+                if all(ended) or t == d.max_new_tokens - 1:
+                    return
+                positions = positions + 1
+                with self._guards_checked_once(d, first_step=t == 0):
+                    visible = mask if d.compile else mask[:, :width + t + 1]  # a growing cache: what it holds
+                    logits = step(torch.tensor(tokens).unsqueeze(1), visible, positions, torch.tensor([width + t]), cache)
+
+
+def _roomy_layer_class():
+    """transformers' DynamicLayer appending into spare room instead of concatenating: a decode
+    step writes one position in place, and the buffer doubles only when it is full."""
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    class RoomyLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+                self.room = None
+            used = self.keys.shape[-2] if self.keys.numel() else 0
+            size = used + key_states.shape[-2]
+            if self.room is None or size > self.room[0].shape[-2]:
+                b, h, _, d = key_states.shape
+                room = [torch.empty(b, h, max(2 * size, 64), d, dtype=t.dtype) for t in (key_states, value_states)]
+                if used:
+                    room[0][:, :, :used], room[1][:, :, :used] = self.keys, self.values
+                self.room = room
+            self.room[0][:, :, used:size], self.room[1][:, :, used:size] = key_states, value_states
+            self.keys, self.values = self.room[0][:, :, :size], self.room[1][:, :, :size]
+            return self.keys, self.values
+
+    return RoomyLayer
+
+
+def growing_cache(kv=None):
+    """A key/value cache of roomy layers (for steps of changing shapes: eager decoding, the serving
+    engine's batch), holding `kv` (per layer (keys, values)) when given."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = _roomy_layer_class()
+    for i, (k, v) in enumerate(kv or []):
+        cache.update(k, v, i)
+    return cache
 
 
 def _as_list(x) -> list:

@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from huayu.generation import growing_cache
 from huayu.models.families import cache_argument, family_of
 from huayu.serve.sampling import SamplingParams, choose_tokens
 
@@ -54,42 +55,6 @@ def _held_back(text: str, stops: list[str]) -> int:
     """How many trailing characters might begin a stop string (or an incomplete character)."""
     held = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
     return max(held, 1 if text.endswith("\ufffd") else 0)
-
-
-def _roomy_layer_class():
-    """transformers' DynamicLayer appending into spare room instead of concatenating: a decode
-    step writes one position in place, and the buffer doubles only when it is full."""
-    from transformers.cache_utils import DynamicLayer
-
-    class RoomyLayer(DynamicLayer):
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-                self.room = None
-            used = self.keys.shape[-2] if self.keys.numel() else 0
-            size = used + key_states.shape[-2]
-            if self.room is None or size > self.room[0].shape[-2]:
-                b, h, _, d = key_states.shape
-                room = [torch.empty(b, h, max(2 * size, 64), d, dtype=t.dtype) for t in (key_states, value_states)]
-                if used:
-                    room[0][:, :, :used], room[1][:, :, :used] = self.keys, self.values
-                self.room = room
-            self.room[0][:, :, used:size], self.room[1][:, :, used:size] = key_states, value_states
-            self.keys, self.values = self.room[0][:, :, :size], self.room[1][:, :, :size]
-            return self.keys, self.values
-
-    return RoomyLayer
-
-
-def _new_cache(kv=None):
-    """A cache of roomy layers, holding `kv` (per layer (keys, values)) when given."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    cache.layer_class_to_replicate = _roomy_layer_class()
-    for i, (k, v) in enumerate(kv or []):
-        cache.update(k, v, i)
-    return cache
 
 
 def _left_pad(kv, mask, width: int):
@@ -207,7 +172,7 @@ class Engine:
         ids = torch.tensor([[self.pad_id] * (width - len(r.prompt)) + r.prompt for r in new])
         mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in new])
         positions = self.family.prefill_positions(self.model, ids, mask)
-        cache = _new_cache()
+        cache = growing_cache()
         logits = self._forward(ids, mask, positions, cache)
         last = positions[..., -1:]
         self.positions = last if self.positions is None else torch.cat([self.positions, last])
@@ -217,7 +182,7 @@ class Engine:
             width = max(self.mask.shape[1], mask.shape[1])
             (old_kv, old_mask) = _left_pad(self._kv(), self.mask, width)
             new_kv, mask = _left_pad([(layer.keys, layer.values) for layer in cache.layers], mask, width)
-            self.cache = _new_cache([(torch.cat([k0, k1]), torch.cat([v0, v1]))
+            self.cache = growing_cache([(torch.cat([k0, k1]), torch.cat([v0, v1]))
                                      for (k0, v0), (k1, v1) in zip(old_kv, new_kv)])
             self.mask = torch.cat([old_mask, mask])
         self.running = self.running + new
@@ -262,6 +227,6 @@ class Engine:
         index = torch.tensor(keep)
         mask, self.positions = self.mask[index], self.positions[index]
         first = int(mask.any(0).nonzero()[0])
-        self.cache = _new_cache([(k[index, :, first:], v[index, :, first:]) for k, v in self._kv()])
+        self.cache = growing_cache([(k[index, :, first:], v[index, :, first:]) for k, v in self._kv()])
         self.mask = mask[:, first:]
 
