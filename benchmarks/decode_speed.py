@@ -9,7 +9,9 @@ same prompts greedily with:
 - huayu's `Generator.new_ids` (what chat, eval, generate and huayu.load use), eager: its own loop
   over a static cache;
 - the same with `compile=True` (torch.compile of the decode step, cpp wrapper), after one untimed
-  call that compiles it (its time is printed).
+  call that compiles it (its time is printed);
+- `huayu serve`'s continuous-batching engine, eager and with `--compile` (static cache rebuilt when
+  the batch changes, dynamic-shape compiled step), all prompts submitted at once.
 
 Each configuration decodes --new-tokens per prompt at each batch size; tokens/s = generated tokens
 (up to each row's end, the same for all: outputs must be identical and are checked) / wall time,
@@ -28,6 +30,9 @@ from pathlib import Path
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/classify/chnsenticorp/dev.tsv"
 PROMPTS = ["今天天气很好，", "我最近总是睡不好，", "中国的首都是", "这家酒店的服务", "他说：", "学习中文最难的是",
            "春天来了，", "请问怎么去火车站？"]
+
+
+ARGS: argparse.Namespace | None = None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,8 +71,10 @@ def main(argv=None) -> None:
 
     from huayu.generation import DecodingArgs, Generator
     from huayu.models.loading import count_parameters
+    from huayu.serve.engine import Engine
 
-    args = parse_args(argv)
+    global ARGS
+    args = ARGS = parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
         gen = Generator.load(args.model or random_model(f"{tmp}/model"), dtype=dtype)
@@ -94,10 +101,28 @@ def main(argv=None) -> None:
             tokens = sum(len(r) for r in reference)
             print(f"batch {batch}: {tokens} tokens per pass; compiling huayu's decode step took {compile_s:.1f} s")
             print(f"  transformers generate()   {tokens / baseline_s:7.1f} tokens/s   1.00x")
-            for name, d in (("huayu (eager)", eager), ("huayu --compile", compiled)):
-                seconds, out = timed(lambda: gen.new_ids(prompts, d), args.rounds)
+            runs = [("huayu (eager)", lambda: gen.new_ids(prompts, eager)),
+                    ("huayu --compile", lambda: gen.new_ids(prompts, compiled))]
+            for flag in (False, True):
+                engine = Engine(gen.model, gen.tokenizer, gen.eos_ids, gen.max_positions, compile=flag)
+                runs.append((f"serve engine{' --compile' if flag else ''}", lambda e=engine: serve(e, prompts)))
+                runs[-1][1]()  # compiles the server's (dynamic-shape) step
+            for name, fn in runs:
+                seconds, out = timed(fn, args.rounds)
                 same = "identical greedy outputs" if out == reference else "OUTPUTS DIFFER"
                 print(f"  {name:<25} {tokens / seconds:7.1f} tokens/s   {baseline_s / seconds:.2f}x   {same}")
+
+
+def serve(engine, prompts) -> list[list[int]]:
+    """The prompts through `huayu serve`'s continuous-batching engine, all submitted at once, greedy."""
+    from huayu.serve.engine import Request
+    from huayu.serve.sampling import SamplingParams
+
+    requests = [Request(p, SamplingParams(max_tokens=ARGS.new_tokens, temperature=0), lambda e: None) for p in prompts]
+    engine.submit(*requests)
+    while engine.step():
+        pass
+    return [[t for t in r.out if t not in engine.eos_ids] for r in requests]
 
 
 if __name__ == "__main__":

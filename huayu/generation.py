@@ -272,7 +272,7 @@ class DecoderLoop:
         peft = hasattr(model, "get_base_model")
         self.model = model.get_base_model() if peft else model  # LoRA layers live inside the base
         self.cache_argument = cache_argument(self.model)
-        self.compiled = None
+        self.compiled = {}  # dynamic shapes or not -> the compiled step
 
     @staticmethod
     def supports(model, family) -> bool:
@@ -291,20 +291,22 @@ class DecoderLoop:
                          use_cache=True, logits_to_keep=1, **{self.cache_argument: cache})
         return out.logits[:, -1].float()
 
-    def _decode_step(self, d: DecodingArgs):
+    def decode_step(self, d: DecodingArgs, dynamic: bool = False):
+        """The step (ids, mask, positions, cache_position, cache) -> last logits, compiled if
+        d.compile: for one call's fixed shapes, or `dynamic` for a batch that changes (the server's)."""
         if not d.compile:
             return self._step
-        if self.compiled is None:
+        if dynamic not in self.compiled:
             import torch
 
             # the C++ wrapper calls the generated kernels without a Python frame per op: most of the gain
-            self.compiled = torch.compile(self._step, options={"cpp_wrapper": True})
-        return self.compiled
+            self.compiled[dynamic] = torch.compile(self._step, dynamic=dynamic or None, options={"cpp_wrapper": True})
+        return self.compiled[dynamic]
 
     @staticmethod
-    def _guards_checked_once(d: DecodingArgs, first_step: bool):
-        """After the first step of a call, every step has the shapes and objects the compiled step
-        was checked against, so dynamo's per-call guard checks (a fifth of a step) are skipped."""
+    def guards_checked_once(d: DecodingArgs, first_step: bool):
+        """After the first step over a cache, every step has the shapes and objects the compiled
+        step was checked against, so dynamo's per-call guard checks (a fifth of a step) are skipped."""
         import contextlib
 
         import torch
@@ -331,7 +333,7 @@ class DecoderLoop:
         histories = [row[m.bool()].tolist() for row, m in zip(ids, prompt_mask)]
         outputs = [[] for _ in range(rows)]
         ended = [False] * rows
-        step = self._decode_step(d)
+        step = self.decode_step(d)
         with torch.inference_mode():
             logits = self._step(ids, mask[:, :width], positions, torch.arange(width), cache)
             positions = positions[:, -1:]
@@ -346,7 +348,7 @@ class DecoderLoop:
                 if all(ended) or t == d.max_new_tokens - 1:
                     return
                 positions = positions + 1
-                with self._guards_checked_once(d, first_step=t == 0):
+                with self.guards_checked_once(d, first_step=t == 0):
                     visible = mask if d.compile else mask[:, :width + t + 1]  # a growing cache: what it holds
                     logits = step(torch.tensor(tokens).unsqueeze(1), visible, positions, torch.tensor([width + t]), cache)
 

@@ -40,7 +40,7 @@ def test_own_loop_decodes_what_generate_decodes(gen):
 def test_compiled_loop_decodes_the_same(gen):
     d = DecodingArgs(max_new_tokens=16, compile=True)
     assert gen.new_ids(_prompts(gen), d) == _generate_ids(gen, _prompts(gen), DecodingArgs(max_new_tokens=16))
-    assert gen.loop.compiled is not None
+    assert gen.loop.compiled
 
 
 def test_with_a_lora_adapter(lively_model_dir, tmp_path):

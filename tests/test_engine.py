@@ -4,6 +4,7 @@ the batch and whenever a request joins it; stops, cancellation, seeds and penalt
 import pytest
 import torch
 
+from huayu.errors import HuayuError
 from huayu.generation import Generator
 from huayu.serve.engine import Engine, QueueFull, Request
 from huayu.serve.sampling import SamplingParams, apply_penalties
@@ -50,6 +51,28 @@ def test_requests_joining_mid_flight_decode_exactly_as_alone(gen):
         assert r.out == reference(gen, p, 12) and r.finish_reason == "length"
     assert len(set(tuple(r.out) for r in reqs)) == 3 and len(set(reqs[1].out)) > 3  # not degenerate
     assert engine.counters["largest_batch"] == 3 and engine.cache is None
+
+
+def test_compiled_engine_decodes_what_the_eager_one_does(lively_model_dir, lively_glm_dir):
+    """Requests joining and leaving, two long enough to outgrow the static cache's first room
+    (never fewer than 2 in the batch: a batch of 1 is a second compilation, for the benchmark)."""
+    gen = Generator.load(lively_model_dir)
+    prompts = [gen.encode_text(t) for t in PROMPTS]
+    outputs = []
+    for compile in (False, True):
+        engine = Engine(gen.model, gen.tokenizer, gen.eos_ids, gen.max_positions, max_batch_size=4, compile=compile)
+        reqs = [request(p, max_tokens=n) for p, n in zip(prompts, (140, 140, 12))]
+        engine.submit(reqs[0], reqs[1])
+        for _ in range(3):
+            engine.step()
+        engine.submit(reqs[2])
+        run(engine)
+        outputs.append([r.out for r in reqs])
+    assert outputs[0] == outputs[1] and len(outputs[1][0]) == 140
+    assert outputs[1][2] == reference(gen, prompts[2], 12)
+    glm = Generator.load(lively_glm_dir)
+    with pytest.raises(HuayuError, match="--compile needs a decoder-only model"):
+        Engine(glm.model, glm.tokenizer, glm.eos_ids, glm.max_positions, compile=True)
 
 
 def test_streamed_text_is_the_decoded_output(gen):

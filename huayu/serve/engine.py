@@ -16,7 +16,8 @@ from typing import Callable
 
 import torch
 
-from huayu.generation import growing_cache
+from huayu.errors import HuayuError
+from huayu.generation import DecoderLoop, DecodingArgs, growing_cache
 from huayu.models.families import cache_argument, family_of
 from huayu.serve.sampling import SamplingParams, choose_tokens
 
@@ -70,15 +71,20 @@ class Engine:
     wait for a slot, `submit` raises QueueFull."""
 
     def __init__(self, model, tokenizer, eos_ids: list[int], max_positions: int,
-                 max_batch_size: int = 16, max_waiting: int = 64):
+                 max_batch_size: int = 16, max_waiting: int = 64, compile: bool = False):
         self.model, self.tokenizer, self.eos_ids = model.eval(), tokenizer, list(eos_ids)
         self.cache_argument = cache_argument(model)
         self.family = family_of(model.config)
+        # compiled: decode steps run over a static cache, rebuilt only when the batch changes
+        self.loop = DecoderLoop(model) if compile else None
+        if compile and not DecoderLoop.supports(model, self.family):
+            raise HuayuError(f"--compile needs a decoder-only model; {model.config.model_type} decodes eagerly")
         self.max_positions, self.max_batch_size, self.max_waiting = max_positions, max_batch_size, max_waiting
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.cache = None                   # the running batch's key/value cache
+        self.room = 0                       # columns of the static cache, when compiled
         self.mask: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None   # each row's position ids of its last token
         self.wakeup = threading.Condition()
@@ -156,16 +162,41 @@ class Engine:
         return out.logits[:, -1]
 
     def _kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(layer.keys, layer.values) for layer in self.cache.layers]
+        """Each layer's keys and values of the filled columns (a static cache has room beyond)."""
+        width = self.mask.shape[1]
+        return [(layer.keys[:, :, :width], layer.values[:, :, :width]) for layer in self.cache.layers]
 
     def _decode(self) -> None:
         rows = self.running
         ids = torch.tensor([[r.out[-1]] for r in rows])
+        width = self.mask.shape[1]
         mask = torch.cat([self.mask, torch.ones(len(rows), 1, dtype=self.mask.dtype)], dim=1)
         positions = self.family.next_positions(self.positions)
-        logits = self._forward(ids, mask, positions, self.cache)
+        if self.loop is None:
+            logits = self._forward(ids, mask, positions, self.cache)
+        else:
+            rebuilt = self._make_static(width + 1)
+            step = self.loop.decode_step(DecodingArgs(compile=True), dynamic=True)
+            with self.loop.guards_checked_once(DecodingArgs(compile=True), first_step=rebuilt):
+                logits = step(ids, torch.nn.functional.pad(mask, (0, self.room - width - 1), value=1), positions,
+                              torch.tensor([width]), self.cache)
         self.mask, self.positions = mask, positions
         self._advance(rows, logits)
+
+    def _make_static(self, width: int) -> bool:
+        """Move the running batch's keys and values into a static cache with room for `width`
+        columns (rounded up to 128), unless they are in one already; whether they were moved."""
+        from transformers import StaticCache
+
+        if isinstance(self.cache, StaticCache) and self.room >= width:
+            return False
+        kv = self._kv()
+        self.room = -(-width // 128) * 128
+        cache = StaticCache(config=self.loop.model.config, max_cache_len=self.room)
+        for i, (k, v) in enumerate(kv):
+            cache.update(k, v, i, {"cache_position": torch.arange(k.shape[2])})
+        self.cache = cache
+        return True
 
     def _prefill(self, new: list[Request]) -> None:
         width = max(len(r.prompt) for r in new)
