@@ -18,6 +18,7 @@ from huayu.config import add_config_arguments, config_from_args, field_doc
 from huayu.data.classification import HEADERS, Labelled
 from huayu.data.cloze import DEFAULT_PATTERN
 from huayu.errors import HuayuError
+from huayu.train import distributed
 from huayu.train.stage import StageConfig, StageData, run_stage
 
 BEST_METRICS = ("accuracy", "macro_f1")
@@ -141,8 +142,9 @@ def stage_data(cfg: ClassifyConfig, tokenizer) -> StageData:
     if is_cloze(cfg):
         cloze = parse_verbalizer(cfg.verbalizer, classes, cfg.pattern)
         encoder = ClozeEncoder(tokenizer, cloze, cfg.max_length)
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        cloze.save(cfg.out)  # beside the model: what predicting with it needs
+        if distributed.is_main():
+            Path(cfg.out).mkdir(parents=True, exist_ok=True)
+            cloze.save(cfg.out)  # beside the model: what predicting with it needs
         train_examples, dev_examples = (encoder.encode(d.texts, [classes.index(y) for y in d.labels])
                                         for d in (train, dev))
         collate, loss_fn, forward, head = cloze_collate(tokenizer.pad_token_id), cloze_loss, cloze_forward, None
@@ -192,6 +194,7 @@ def add_arguments(parser) -> None:
 def run(args) -> None:
     cfg = config_from_args(ClassifyConfig, args)
     check(cfg)
-    run_stage(cfg, lambda tok: stage_data(cfg, tok))
-    if cfg.test:
-        predict_test(cfg)
+    with distributed.session():  # under torchrun: rank 0 predicts, once training is done
+        run_stage(cfg, lambda tok: stage_data(cfg, tok))
+        if cfg.test and distributed.is_main():
+            predict_test(cfg)

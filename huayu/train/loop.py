@@ -4,6 +4,11 @@ A stage supplies the model, a list of examples, a collate function and the resol
 owns the optimiser, schedule, logging, checkpoints and exact resume. The data order of epoch e is a
 permutation seeded by (seed, e), so a run resumed at optimiser step k sees exactly the batches an
 uninterrupted run would have seen from step k on.
+
+Under torchrun the same loop trains data-parallel (huayu/train/distributed.py): `batch_size` is per
+process, each global micro-batch of batch_size x world size examples of that order is shared out
+between the ranks, and only rank 0 writes files. One process with batch_size x world size per
+micro-batch sees the same examples at every step.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import torch
 
 from huayu.config import field_doc, save_config
 from huayu.data.templates import write_template_record
+from huayu.errors import HuayuError
+from huayu.train import distributed
 from huayu.train.schedules import SCHEDULES, lr_multiplier
 
 CHECKPOINTS = "checkpoints"
@@ -33,7 +40,7 @@ STATE_FILE = "trainer_state.pt"
 class TrainArgs:
     epochs: float = field_doc("passes over the training data (fractions allowed)", default=1.0)
     max_steps: int = field_doc("stop after this many optimiser steps (0: from epochs)", default=0)
-    batch_size: int = field_doc("examples per micro-batch", default=8)
+    batch_size: int = field_doc("examples per micro-batch of each process (torchrun: x processes)", default=8)
     grad_accum: int = field_doc("micro-batches per optimiser step", default=1)
     lr: float = field_doc("peak learning rate", default=3e-4)
     min_lr: float = field_doc("learning rate at the end of cosine/linear decay", default=0.0)
@@ -77,22 +84,30 @@ def latest_checkpoint(out: str | Path) -> Path | None:
 
 
 def _batches(n_examples: int, args: TrainArgs, start_micro: int):
-    """Yield (micro-batch index, example indices) from `start_micro` on, forever."""
-    per_epoch = math.ceil(n_examples / args.batch_size)
+    """Yield (micro-batch index, this rank's example indices) from `start_micro` on, forever. A
+    global micro-batch is the next batch_size x world size examples of the epoch's order; an
+    epoch's last one may be shorter and is topped up from the order's start if some rank would
+    get nothing (every rank must take part in every step)."""
+    world = distributed.world_size()
+    size = args.batch_size * world
+    per_epoch = math.ceil(n_examples / size)
     micro = start_micro
     while True:
         epoch, i = divmod(micro, per_epoch)
         gen = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
         order = torch.randperm(n_examples, generator=gen)
         for j in range(i, per_epoch):
-            yield micro, order[j * args.batch_size:(j + 1) * args.batch_size].tolist()
+            chunk = order[j * size:(j + 1) * size]
+            if len(chunk) < world:
+                chunk = torch.cat([chunk, order[:world - len(chunk)]])
+            yield micro, distributed.shard(chunk)
             micro += 1
 
 
 def total_steps(n_examples: int, args: TrainArgs) -> int:
     if args.max_steps > 0:
         return args.max_steps
-    per_epoch = math.ceil(n_examples / args.batch_size)
+    per_epoch = math.ceil(n_examples / (args.batch_size * distributed.world_size()))
     return max(1, math.ceil(args.epochs * per_epoch / args.grad_accum))
 
 
@@ -161,17 +176,13 @@ class _Window:
 
     def __init__(self):
         self.t0, self.steps, self.seqs, self.tokens = time.perf_counter(), 0, 0, 0
-        self.sums: dict[str, float] = {"loss": 0.0}
+        self.sums: dict[str, float] = {}
 
-    def add_batch(self, batch: dict, parts: dict[str, float], grad_accum: int) -> None:
-        self.seqs += len(batch["input_ids"])
-        self.tokens += int(batch["attention_mask"].sum())
-        for key, value in parts.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value / grad_accum
-
-    def add_step(self, loss: float) -> None:
-        self.steps += 1
-        self.sums["loss"] += loss
+    def add_step(self, losses: dict[str, float], seqs: int, tokens: int) -> None:
+        """One optimiser step: its loss and loss parts (means over its batch), its sequences and tokens."""
+        self.steps, self.seqs, self.tokens = self.steps + 1, self.seqs + seqs, self.tokens + tokens
+        for key, value in losses.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
 
     def rates(self) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
@@ -195,16 +206,17 @@ def _save_weights(directory: Path, model, tokenizer, chat_trained: bool) -> None
 
 
 def _save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler, cfg, keep: int,
-                     chat_trained: bool):
+                     chat_trained: bool, rng_by_rank: list[dict]):
     """Write `out/checkpoints/step-N` atomically: build it under a temp name, then rename. For a
-    peft model the weights are its adapter; resuming puts it back on the run's base model."""
+    peft model the weights are its adapter; resuming puts it back on the run's base model.
+    `rng_by_rank`: every process's random state, so each one's dropout and masking resume exactly."""
     root = out / CHECKPOINTS
     final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     _save_weights(tmp, model, tokenizer, chat_trained)
     save_config(cfg, tmp / "config.yaml")
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": _rng_state()}, tmp / STATE_FILE)
+                "rng_by_rank": rng_by_rank}, tmp / STATE_FILE)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep or None]:
@@ -253,101 +265,138 @@ def _make_optimizer(model, args: TrainArgs):
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
 
 
+def _restore_rng(state: dict, seed: int, start: int) -> None:
+    """This rank's random state from a checkpoint (`rng`: one written before runs had ranks). A
+    checkpoint of another number of processes has no state for this rank: the streams start anew."""
+    states = state.get("rng_by_rank") or [state["rng"]]
+    if len(states) != distributed.world_size():
+        print(f"note: the checkpoint was written by {len(states)} process(es), this run has "
+              f"{distributed.world_size()}: dropout and masking continue from fresh random streams")
+        torch.manual_seed(seed + 1_000_003 * start + distributed.rank())
+        random.seed(seed + 1_000_003 * start + distributed.rank())
+        return
+    torch.set_rng_state(states[distributed.rank()]["torch"])
+    random.setstate(states[distributed.rank()]["python"])
+
+
 def fit(model, tokenizer, examples: list, collate, args: TrainArgs, out: str | Path, cfg,
         eval_examples: list | None = None, resume_from: Path | None = None, chat_trained: bool = False,
         loss_fn: LossFn = model_loss, evaluation: Evaluation | None = None) -> dict:
     """Train `model` on `examples`; return the final metrics (train_loss, eval_loss, steps, ...).
     `chat_trained`: the examples were rendered with the tokenizer's chat template (recorded).
     `loss_fn` computes a batch's loss and any parts of it worth logging (MLM and SOP losses);
-    `evaluation` replaces the validation loss on `eval_examples` with the stage's own metrics."""
+    `evaluation` replaces the validation loss on `eval_examples` with the stage's own metrics.
+    Under torchrun (inside `distributed.session()`) every rank calls this: rank 0 validates and
+    writes, and every rank returns the same metrics."""
     from tqdm.auto import tqdm
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    out, main = Path(out), distributed.is_main()
+    if len(examples) < distributed.world_size():
+        raise HuayuError(f"{len(examples)} training example(s) cannot be shared between "
+                         f"{distributed.world_size()} processes")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
     steps = total_steps(len(examples), args)
     optimizer = _make_optimizer(model, args)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_multiplier(args.schedule, s, steps, args.warmup_steps, args.min_lr / args.lr))
     start = 0
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
+    torch.manual_seed(args.seed + distributed.rank())  # ranks differ in dropout and masking, not in weights
+    random.seed(args.seed + distributed.rank())
     if resume_from is not None:
         state = torch.load(resume_from / STATE_FILE, weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
         start = state["step"]
+        _restore_rng(state, args.seed, start)
         print(f"resuming from {resume_from} (step {start} of {steps})")
         if start >= steps and (out / "train_result.json").exists():
             print("that run had already finished")
             return json.loads((out / "train_result.json").read_text(encoding="utf-8"))
-    log = _Log(out, start)
+    log = _Log(out, start) if main else None
     model.train()
+    train_step = distributed.DataParallel(model, loss_fn)
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
-               mininterval=0.2 if sys.stderr.isatty() else 10)
+               mininterval=0.2 if sys.stderr.isatty() else 10, disable=not main)
     batches = _batches(len(examples), args, start * args.grad_accum)
     validates = evaluation is not None or bool(eval_examples is not None and len(eval_examples))
     window = _Window()
     last_loss, eval_metrics = float("nan"), None
     for step in range(start + 1, steps + 1):
-        step_loss = 0.0
-        for _ in range(args.grad_accum):
+        losses, seqs, tokens = {"loss": 0.0}, 0, 0  # this rank's, losses as means over its micro-batches
+        for micro in range(args.grad_accum):
             _, idx = next(batches)
             batch = collate([examples[i] for i in idx])
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                loss, parts = loss_fn(model, batch)
-            (loss / args.grad_accum).backward()
-            step_loss += loss.item() / args.grad_accum
-            window.add_batch(batch, parts, args.grad_accum)
+            with train_step.accumulating(skip_sync=micro < args.grad_accum - 1):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                    loss, parts = train_step(batch)
+                (loss / args.grad_accum).backward()
+            for key, value in {"loss": loss.item(), **parts}.items():
+                losses[key] = losses.get(key, 0.0) + value / args.grad_accum
+            seqs, tokens = seqs + len(batch["input_ids"]), tokens + int(batch["attention_mask"].sum())
+        losses, counts = distributed.reduce(losses, {"seqs": seqs, "tokens": tokens})
         if args.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        last_loss = step_loss
-        window.add_step(step_loss)
+        last_loss = losses["loss"]
+        window.add_step(losses, counts["seqs"], counts["tokens"])
         lr = scheduler.get_last_lr()[0]
         bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{window.rates()['tokens_per_s']:,.0f}",
+        bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{window.rates()['tokens_per_s']:,.0f}",
                         refresh=False)
         if step % args.log_every == 0 or step == steps:
-            values = window.summary()
-            log.write(step, **{f"train_{k}": v for k, v in values.items()}, train_lr=lr)
-            losses = "  ".join(f"{k} {v:.4f}" for k, v in values.items() if k.endswith("loss"))
-            tqdm.write(f"step {step}/{steps}: {losses}  lr {lr:.2e}  {values['steps_per_s']:.2f} steps/s  "
-                       f"{values['seqs_per_s']:,.1f} seqs/s  {values['tokens_per_s']:,.0f} tokens/s")
+            if main:
+                values = window.summary()
+                log.write(step, **{f"train_{k}": v for k, v in values.items()}, train_lr=lr)
+                shown = "  ".join(f"{k} {v:.4f}" for k, v in values.items() if k.endswith("loss"))
+                tqdm.write(f"step {step}/{steps}: {shown}  lr {lr:.2e}  {values['steps_per_s']:.2f} steps/s  "
+                           f"{values['seqs_per_s']:,.1f} seqs/s  {values['tokens_per_s']:,.0f} tokens/s")
             window = _Window()
         if validates and ((args.eval_every and step % args.eval_every == 0) or step == steps):
-            if evaluation is None:
-                eval_loss = evaluate_loss(model, eval_examples, collate, args.batch_size, args.bf16)
-                eval_metrics = {"loss": eval_loss, "ppl": math.exp(min(eval_loss, 50))}
-            else:
-                model.eval()
-                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                    eval_metrics = evaluation.run(model)
-                model.train()
-            log.write(step, **{f"eval_{k}": v for k, v in eval_metrics.items()})
-            tqdm.write(f"step {step}: " + "  ".join(f"eval_{k} {v:.4f}" for k, v in eval_metrics.items()))
-            if evaluation is not None and evaluation.best and eval_metrics[evaluation.best] > _best_so_far(
-                    out, evaluation.best):
-                _save_best(out, model, tokenizer, {"step": step, **eval_metrics}, chat_trained)
-                tqdm.write(f"step {step}: best {evaluation.best} so far, saved to {out / BEST}")
+            if main:
+                eval_metrics = _validate(model, eval_examples, collate, args, evaluation)
+                log.write(step, **{f"eval_{k}": v for k, v in eval_metrics.items()})
+                tqdm.write(f"step {step}: " + "  ".join(f"eval_{k} {v:.4f}" for k, v in eval_metrics.items()))
+                if evaluation is not None and evaluation.best and eval_metrics[evaluation.best] > _best_so_far(
+                        out, evaluation.best):
+                    _save_best(out, model, tokenizer, {"step": step, **eval_metrics}, chat_trained)
+                    tqdm.write(f"step {step}: best {evaluation.best} so far, saved to {out / BEST}")
+            eval_metrics = distributed.from_main(eval_metrics)
         if (args.save_every and step % args.save_every == 0) or step == steps:
-            _save_checkpoint(out, step, model, tokenizer, optimizer, scheduler, cfg, args.save_total_limit,
-                             chat_trained)
+            rng_by_rank = distributed.gather(_rng_state())
+            if main:
+                _save_checkpoint(out, step, model, tokenizer, optimizer, scheduler, cfg, args.save_total_limit,
+                                 chat_trained, rng_by_rank)
+            distributed.barrier()
     bar.close()
-    _save_final(out, model, tokenizer, chat_trained)
     result = {"steps": steps, "train_loss": last_loss}
     if eval_metrics is not None:
         result.update({f"eval_{k}": v for k, v in eval_metrics.items()})
-    if evaluation is not None and evaluation.best and (out / BEST).is_dir():
-        _replace_files(out / BEST, out)  # the final model is the best one
-        best = json.loads((out / BEST / "metrics.json").read_text(encoding="utf-8"))
-        result.update({f"best_{k}": v for k, v in best.items()})
-    log.plot(out / "loss_curve.png")
-    log.tb.close()
-    (out / "train_result.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    if main:
+        _save_final(out, model, tokenizer, chat_trained)
+        if evaluation is not None and evaluation.best and (out / BEST).is_dir():
+            _replace_files(out / BEST, out)  # the final model is the best one
+            best = json.loads((out / BEST / "metrics.json").read_text(encoding="utf-8"))
+            result.update({f"best_{k}": v for k, v in best.items()})
+        log.plot(out / "loss_curve.png")
+        log.tb.close()
+        (out / "train_result.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    distributed.barrier()
+    result = distributed.from_main(result)
     print(json.dumps(result))
     return result
+
+
+def _validate(model, eval_examples, collate, args: TrainArgs, evaluation: Evaluation | None) -> dict[str, float]:
+    """The validation metrics: the stage's own, or the loss (and perplexity) on `eval_examples`."""
+    if evaluation is None:
+        eval_loss = evaluate_loss(model, eval_examples, collate, args.batch_size, args.bf16)
+        return {"loss": eval_loss, "ppl": math.exp(min(eval_loss, 50))}
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+        metrics = evaluation.run(model)
+    model.train()
+    return metrics

@@ -8,6 +8,7 @@ from typing import Callable
 
 from huayu.config import field_doc
 from huayu.errors import HuayuError
+from huayu.train import distributed
 from huayu.train.loop import CHECKPOINTS, Evaluation, LossFn, TrainArgs, fit, latest_checkpoint, model_loss
 from huayu.train.methods import FinetuningArgs, apply_finetuning, check_finetuning
 from huayu.train.schedules import SCHEDULES
@@ -68,25 +69,34 @@ def check(cfg: StageConfig) -> None:
 def run_stage(cfg: StageConfig, build_examples, chat_trained: bool = False) -> dict:
     """Load the tokenizer and model (from the last checkpoint when resuming), build the examples
     with `build_examples(tokenizer) -> (train, valid or None)` or a StageData, and train.
-    `chat_trained`: the examples are rendered with the chat template, which the outputs then record."""
+    `chat_trained`: the examples are rendered with the chat template, which the outputs then record.
+    Under torchrun every process runs this; rank 0 builds (and caches) the examples first."""
+    check(cfg)
+    with distributed.session():
+        return _run_stage(cfg, build_examples, chat_trained)
+
+
+def _run_stage(cfg: StageConfig, build_examples, chat_trained: bool) -> dict:
     from huayu.models.loading import count_parameters, load_tokenizer
 
-    check(cfg)
     ckpt = latest_checkpoint(cfg.out) if cfg.train.resume else None
     if cfg.train.resume and ckpt is None:
         print(f"no checkpoint under {cfg.out}; starting from the beginning")
     source = str(ckpt) if ckpt else cfg.model
     tokenizer = load_tokenizer(source, None if ckpt else cfg.tokenizer)
-    data = build_examples(tokenizer)
+    with distributed.main_process_first():
+        data = build_examples(tokenizer)
     data = data if isinstance(data, StageData) else StageData(*data)
     train, valid = data.train, data.valid
     if not len(train):
         raise HuayuError("the training data produced no examples")
     model = trainable_model(cfg, tokenizer, ckpt, data.classes)
     trainable, total = count_parameters(model)
+    world = distributed.world_size()
     print(f"model: {type(model).__name__} from '{source}', {cfg.finetuning.finetuning_type} fine-tuning: "
           f"{total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.2f}%); "
-          f"{len(train):,} training examples")
+          f"{len(train):,} training examples" + (f"; {world} processes x {cfg.train.batch_size} examples x "
+                                                 f"{cfg.train.grad_accum} micro-batches per step" if world > 1 else ""))
     from huayu.models.families import family_of
 
     collate = data.collate or family_of(model.config).collate(tokenizer.pad_token_id)

@@ -1,0 +1,177 @@
+"""Data-parallel training under torchrun: 2 CPU processes (gloo) train like 1 process with the same
+global batch, only rank 0 writes, and a 2-process run resumes exactly."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import TEXTS, write_texts
+
+from huayu.cli import main
+from huayu.train import distributed, loop
+
+GLOBAL_BATCH, STEPS = 4, 6
+
+# Runs a huayu command with an audit hook that records, per rank, every write (open for writing,
+# mkdir, rename/replace, remove, rmtree) under the watched directories: a write by any rank but 0
+# is then visible, and rank 0's record shows the hook does see the writes the loop makes.
+RECORDING_LAUNCHER = r'''
+import os, sys
+WATCHED = [os.path.abspath(d) for d in os.environ["WATCHED_DIRS"].split(os.pathsep)]
+RECORD = os.path.join(os.environ["WRITE_RECORDS"], "rank%s.txt" % os.environ.get("RANK", "0"))
+PATH_EVENTS = {"os.mkdir", "os.rename", "os.remove", "os.rmdir", "shutil.rmtree", "os.truncate"}
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND
+
+
+def hook(event, args):
+    if event == "open":
+        path, mode, flags = args
+        if not (any(c in mode for c in "wax+") if isinstance(mode, str) else flags & WRITE_FLAGS):
+            return
+        paths = [path]
+    elif event in PATH_EVENTS:
+        paths = args[:2] if event == "os.rename" else args[:1]
+    else:
+        return
+    for path in paths:
+        if isinstance(path, (str, bytes, os.PathLike)):
+            full = os.path.abspath(os.fsdecode(path))
+            if any(full == d or full.startswith(d + os.sep) for d in WATCHED):
+                with open(RECORD, "a", encoding="utf-8") as f:
+                    f.write(event + " " + full + "\n")
+
+
+sys.addaudithook(hook)
+from huayu.cli import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def pretrain_args(tokenizer_dir, data, out, batch_size, extra=(), steps=STEPS):
+    return ["pretrain", "--model", "tiny", "--tokenizer", tokenizer_dir, "--data", data, "--valid-data", data,
+            "--seq-len", "16", "--batch-size", str(batch_size), "--max-steps", str(steps), "--log-every", "1",
+            "--save-every", "3", "--warmup-steps", "2", "--out", str(out), *extra]
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]  # free port
+
+
+def launch(tmp_path, launcher_command, args, watched: list[Path], records: Path):
+    """`huayu ARGS` in the processes `launcher_command` starts, their writes recorded."""
+    launcher = tmp_path / "recording_launcher.py"
+    launcher.write_text(RECORDING_LAUNCHER, encoding="utf-8")
+    records.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1]),
+           "WATCHED_DIRS": os.pathsep.join(map(str, watched)), "WRITE_RECORDS": str(records)}
+    proc = subprocess.run([*launcher_command, str(launcher), *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def torchrun(tmp_path, args, watched: list[Path], records: Path):
+    return launch(tmp_path, TORCHRUN, args, watched, records)
+
+
+def train_losses(out: Path) -> list[float]:
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train_loss" in r] == list(range(1, STEPS + 1))
+    return [r["train_loss"] for r in rows if "train_loss" in r]
+
+
+def tree(out: Path) -> list[str]:
+    """The files under `out`, TensorBoard's (named by host, time and pid) by kind only."""
+    return sorted("runs/events" if p.parent.name == "runs" else str(p.relative_to(out))
+                  for p in out.rglob("*") if p.is_file())
+
+
+def written_by(records: Path, rank: int) -> str:
+    path = records / f"rank{rank}.txt"
+    return path.read_text(encoding="utf-8") if path.exists() else ""
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, tokenizer_dir):
+    # 64 copies of the corpus: a token count that is a multiple of 16 x 4, so every block is full and
+    # every share of a global batch predicts equally many tokens (the mean of the ranks' means is then
+    # the global mean)
+    data = write_texts(tmp_path / "t.txt", TEXTS * 64)
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    assert main(pretrain_args(tokenizer_dir, data, single, GLOBAL_BATCH)) == 0
+
+    cache, records = tmp_path / "ddp-cache", tmp_path / "writes"  # a cache of its own: rank 0 must build it
+    torchrun(tmp_path, pretrain_args(tokenizer_dir, data, ddp, GLOBAL_BATCH // 2, ["--cache-dir", str(cache)]),
+             [ddp, cache], records)
+
+    expected, got = train_losses(single), train_losses(ddp)
+    difference = max(abs(a - b) for a, b in zip(expected, got))
+    print(f"max train-loss difference over {STEPS} steps: {difference:.2e}")
+    assert difference < 1e-4
+    assert json.loads((ddp / "train_result.json").read_text())["eval_loss"] == pytest.approx(
+        json.loads((single / "train_result.json").read_text())["eval_loss"], abs=1e-4)
+    assert tree(ddp) == tree(single)
+    assert not [p for p in ddp.rglob("*") if ".tmp" in p.name]
+    assert "model.safetensors" in written_by(records, 0) and "blocks-" in written_by(records, 0)
+    assert written_by(records, 1) == ""
+
+    # resume: the run as if killed after its step-3 checkpoint, continued by 2 processes again
+    resumed = tmp_path / "resumed"
+    shutil.copytree(ddp, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-6")
+    (resumed / "train_result.json").unlink()
+    records = tmp_path / "resume-writes"
+    proc = torchrun(tmp_path, pretrain_args(tokenizer_dir, data, resumed, GLOBAL_BATCH // 2,
+                                            ["--cache-dir", str(cache), "--resume"]), [resumed, cache], records)
+    assert "resuming from" in proc.stdout and "step 3 of 6" in proc.stdout
+    assert train_losses(resumed) == pytest.approx(got, abs=1e-6)
+    assert written_by(records, 1) == "" and "step-6" in written_by(records, 0)
+
+
+def test_ranks_share_out_the_batches_one_process_would_take(monkeypatch):
+    """Each global micro-batch is one process's batch of batch_size x world size, cut into
+    consecutive shares; an epoch's tail too short to share is topped up so every rank gets one."""
+    n, world, micro_batches = 9, 2, 8  # 3 global micro-batches per epoch, the last of 1 example
+
+    def first_batches(batch_size):
+        return [idx for _, (_, idx) in zip(range(micro_batches), loop._batches(n, loop.TrainArgs(batch_size=batch_size,
+                                                                                               seed=3), 0))]
+
+    single = first_batches(2 * world)
+    monkeypatch.setattr(distributed, "world_size", lambda: world)
+    shares = []
+    for rank in range(world):
+        monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
+        shares.append(first_batches(2))
+    for whole, first, second in zip(single, *shares):
+        if len(whole) >= world:
+            assert first + second == whole
+        else:  # the tail: its example, and one from the start of the epoch's order
+            assert first == whole and len(second) == 1
+    assert loop.total_steps(n, loop.TrainArgs(batch_size=2, epochs=2)) == 6  # 2 epochs of 3 global micro-batches
+
+
+def test_accelerate_launch_multi_gpu_runs_the_same_ddp_on_cpu(tmp_path, tokenizer_dir):
+    """`accelerate launch --multi_gpu` starts torchrun, so its processes train together (gloo on
+    CPU here); `--cpu` would start a single process."""
+    data, out = write_texts(tmp_path / "t.txt", TEXTS * 64), tmp_path / "out"
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                  "--main_process_port", "0"]
+    records = tmp_path / "writes"
+    args = pretrain_args(tokenizer_dir, data, out, GLOBAL_BATCH // 2, steps=2)
+    proc = launch(tmp_path, accelerate, args, [out], records)
+    assert "2 processes x 2 examples" in proc.stdout
+    assert json.loads((out / "train_result.json").read_text())["steps"] == 2
+    assert written_by(records, 1) == "" and "model.safetensors" in written_by(records, 0)
+
+
+@pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_fsdp_or_deepspeed_launch_is_refused(variable, monkeypatch, tmp_path, tokenizer_dir, capsys):
+    """An accelerate config asking for FSDP/DeepSpeed would be silently ignored by the DDP loop: an error."""
+    monkeypatch.setenv(variable, "true")
+    data = write_texts(tmp_path / "t.txt")
+    assert main(pretrain_args(tokenizer_dir, data, tmp_path / "out", 2)) == 1
+    assert "plain DDP" in capsys.readouterr().err
