@@ -149,6 +149,11 @@ def test_pretrain_mlm_end_to_end_and_show_masked(tmp_path, store, tokenizer_dir,
     assert main(["pretrain", "--model", str(out), "--objective", "mlm", "--sop", "--data", store.prefix, "--seq-len",
                  "48", "--batch-size", "8", "--max-steps", "3", "--log-every", "3", "--out", str(tmp_path / "more")]) == 0
     assert "BertForPreTraining from" in capsys.readouterr().out
+    # and under a LoRA adapter, whose loss must reach the encoder through peft's wrapper
+    assert main(["pretrain", "--model", str(out), "--objective", "mlm", "--sop", "--data", store.prefix, "--seq-len",
+                 "48", "--batch-size", "8", "--max-steps", "2", "--log-every", "1", "--finetuning-type", "lora",
+                 "--out", str(tmp_path / "lora")]) == 0
+    assert "sop_loss" in capsys.readouterr().out and (tmp_path / "lora" / "adapter_model.safetensors").exists()
 
     assert main(["data", "show-masked", store.prefix, "--sop", "--seq-len", "32", "--samples", "1"]) == 0
     shown = capsys.readouterr().out

@@ -176,7 +176,8 @@ def mlm_loss(model, batch: dict):
     import torch.nn.functional as F
 
     labels, order = batch["labels"], batch.get("next_sentence_label")
-    heads = getattr(model, "cls", None)
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft adapter
+    heads = getattr(core, "cls", None)
     if heads is None or not hasattr(heads, "predictions"):
         if order is not None:
             raise HuayuError(f"{type(model).__name__} has no sentence-order head: train without --sop")
@@ -184,7 +185,7 @@ def mlm_loss(model, batch: dict):
         loss = model(**inputs).loss
         return loss, {"lm_loss": loss.item()}
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
-    sequence, pooled = model.base_model(**inputs, return_dict=False)[:2]
+    sequence, pooled = core.base_model(**inputs, return_dict=False)[:2]
     where = labels != -100
     lm_loss = F.cross_entropy(heads.predictions(sequence[where]).float(), labels[where])
     if order is None:
