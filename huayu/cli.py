@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("huayu.train.pretrain", "Pre-train a model (causal LM, span corruption, masked LM or GLM's blank infilling)"),
     "sft": ("huayu.train.sft", "Supervised fine-tuning on dialogues or instructions"),
     "finetune-cls": ("huayu.train.classify", "Fine-tune an encoder (or a GLM, as cloze) for text classification (TSV/CSV), keep the best by accuracy"),
+    "plan": ("huayu.plan", "Will it fit? Memory of a training step (or inference) by kind, from the config alone"),
     "eval": ("huayu.evaluation.evaluate", "Static evaluation: loss/ppl, BLEU-4, Dist-n, F1, ROUGE; general-set loss"),
     "metrics": ("huayu.evaluation.metrics_command", "Score hypothesis lines against reference lines"),
     "export merge": ("huayu.export:merge", "Merge a LoRA adapter into its base model (a plain HF model)"),

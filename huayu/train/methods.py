@@ -22,7 +22,8 @@ ADAPTER_METHODS = ("lora", "prefix")
 
 @dataclass
 class FinetuningArgs:
-    finetuning_type: str = field_doc(f"which weights to train: {'|'.join(METHODS)}", default="full")
+    finetuning_type: str = field_doc(f"which weights to train: {'|'.join(METHODS)}", default="full",
+                                     aliases=("--method",))
     lora_rank: int = field_doc("lora: rank r of the update B·A", default=8)
     lora_alpha: int = field_doc("lora: the update is scaled by alpha / r", default=16)
     lora_dropout: float = field_doc("lora: dropout on the adapter's input", default=0.05)
