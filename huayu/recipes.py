@@ -26,7 +26,9 @@ from huayu.errors import HuayuError
 TRAINING = ("pretrain", "sft")
 _COMMON = {"name", "command", "args"}
 STAGE_KEYS = {"pretrain": _COMMON | {"eval"}, "sft": _COMMON | {"eval", "replay_ratio"},
-              "data knowledge": _COMMON | {"input", "output"}, "data convert": _COMMON | {"input", "output"}}
+              "data knowledge": _COMMON | {"input", "output"}, "data convert": _COMMON | {"input", "output"},
+              "tokenizer train": _COMMON | {"output"}}
+TOKENIZER = "tokenizer train"  # its output is the tokenizer of the training stage after it
 TOP_KEYS = {"vars", "out", "model", "tokenizer", "stages"}
 MARKER = "recipe_stage.json"
 METRICS = {"eval_loss": "loss", "ppl": "ppl", "bleu4": "bleu4", "dist2": "dist2", "f1": "f1", "rouge_l": "rouge_l"}
@@ -112,7 +114,8 @@ def _check_stage(spec, where: str, taken: set[str]) -> None:
 def stage_output(root: str, spec: dict) -> Path:
     """A training stage's model directory, or the file (or directory) a data stage writes."""
     out = Path(root) / spec["name"]
-    return out if spec["command"] in TRAINING else out / spec.get("output", "data.jsonl")
+    default = "tokenizer" if spec["command"] == TOKENIZER else "data.jsonl"
+    return out if spec["command"] in TRAINING else out / spec.get("output", default)
 
 
 def flags(args: dict) -> list[str]:
@@ -153,6 +156,8 @@ def plan(recipe: dict) -> list[Stage]:
             args = _training_args(spec, args, model, tokenizer, seen_data)
             model, tokenizer = str(out), None
             seen_data += [str(p) for p in _as_list(args.get("data"))]
+        elif spec["command"] == TOKENIZER:
+            tokenizer = str(out)
         argv = [*spec["command"].split(), *positional, *flags({**args, "out": str(out)})]
         chain = _digest([argv, chain])
         eval_argv = ["eval", str(out), "--out", str(out / "eval"), *flags(spec["eval"])] if spec.get("eval") else None

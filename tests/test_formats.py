@@ -361,3 +361,13 @@ def test_cli_convert_split_is_seeded_and_keeps_dialogues_together(tmp_path, caps
     assert len(parts["train"] | parts["valid"] | parts["test"]) == 20
     assert not (parts["train"] & parts["test"]) and not (parts["train"] & parts["valid"])
     assert read_dialogues(tmp_path / "a" / "test.jsonl").format == "conversation"
+
+
+def test_cli_convert_to_text_writes_each_dialogue_as_a_document(tmp_path):
+    """--to text: a dialogue's turns on lines, one JSONL document per dialogue (pre-training input)."""
+    path = tmp_path / "c.jsonl"
+    write(path, json.dumps({"messages": [{"role": "user", "content": "你好"},
+                                         {"role": "assistant", "content": "你好，请说。"}]}, ensure_ascii=False))
+    assert main(["data", "convert", str(path), "--to", "text", "--out", str(tmp_path / "t.jsonl")]) == 0
+    lines = (tmp_path / "t.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == [{"text": "你好\n你好，请说。"}]

@@ -139,7 +139,7 @@ def test_stage_replay_ratio_replays_earlier_stages_data(tmp_path, capsys, tiny_m
     assert "second: huayu sft --model" in output and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("name", ["t5_three_stage.yaml", "vertical_domain.yaml"])
+@pytest.mark.parametrize("name", ["t5_three_stage.yaml", "vertical_domain.yaml", "bundled_chat.yaml"])
 def test_shipped_recipes_resolve(name, tmp_path, capsys):
     recipe = str(ROOT / "recipes" / name)
     stages = plan(load_recipe(recipe, {"data_root": "/data"}))
@@ -149,3 +149,21 @@ def test_shipped_recipes_resolve(name, tmp_path, capsys):
     code, output = run(recipe, capsys, "--dry-run", "--set", f"out_root={tmp_path}")  # every option parses
     assert code == 0, output
     assert output.count(": huayu ") == sum(1 + bool(s.eval_argv) for s in stages)
+
+
+def test_a_tokenizer_stage_is_the_next_training_stage_s_tokenizer(tmp_path, capsys):
+    """A `tokenizer train` stage trains on its args' data and hands its output to the training stage
+    after it (which starts from a preset, so it needs one); it runs like any stage."""
+    data = write_conversations(tmp_path / "d.jsonl")
+    recipe = {"out": str(tmp_path / "out"), "model": "tiny", "stages": [
+        {"name": "tok", "command": "tokenizer train", "args": {"data": [data], "kind": "char", "vocab_size": 200}},
+        {"name": "lm", "command": "sft", "args": {"data": data, **TINY}}]}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe, allow_unicode=True), encoding="utf-8")
+    tok, lm = plan(load_recipe(str(path), {}))
+    assert tok.argv[:2] == ["tokenizer", "train"] and tok.argv[-1] == str(tmp_path / "out" / "tok" / "tokenizer")
+    assert lm.argv[lm.argv.index("--tokenizer") + 1] == tok.argv[-1]
+    code, output = run(str(path), capsys)
+    assert code == 0, output
+    assert (tmp_path / "out" / "tok" / "tokenizer" / "tokenizer.json").exists()
+    assert (tmp_path / "out" / "lm" / "model.safetensors").exists()

@@ -148,7 +148,8 @@ def _clip(text: str) -> str:
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     _add_reader_arguments(parser, DIALOGUE_CHOICES)
-    parser.add_argument("--to", required=True, choices=("eva", "conversation"), help="output format")
+    parser.add_argument("--to", required=True, choices=("eva", "conversation", "text"),
+                        help="output format (text: one JSONL document per dialogue, its turns on lines, for pre-training)")
     parser.add_argument("--out", required=True,
                         help="output file, or directory for train/valid/test files with --split-ratio")
     parser.add_argument("--split-ratio", type=_split_ratio, metavar="TRAIN,VALID,TEST",
@@ -159,7 +160,7 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
 def run_convert(args) -> int:
     result = _read(args)
     notes: Counter = Counter()
-    encode = _eva_line if args.to == "eva" else _conversation_line
+    encode = {"eva": _eva_line, "conversation": _conversation_line, "text": _text_line}[args.to]
     samples = [(dialogue_origin(d.source), line) for d in result.records if (line := encode(d, notes)) is not None]
     print(f"read {len(result.records):,} dialogues ({result.format}) from {result.path}"
           + (f"; skipped {result.skipped:,} invalid records" if args.skip_invalid else ""))
@@ -206,6 +207,11 @@ def _eva_line(dialogue: Dialogue, notes: Counter) -> str | None:
 
 def _conversation_line(dialogue: Dialogue, notes: Counter) -> str:
     return json.dumps({"messages": dialogue.messages}, ensure_ascii=False)
+
+
+def _text_line(dialogue: Dialogue, notes: Counter) -> str:
+    """A dialogue as a pre-training document: the turns' texts, one per line (system turns kept)."""
+    return json.dumps({"text": "\n".join(m["content"] for m in dialogue.messages)}, ensure_ascii=False)
 
 
 def _split(samples: list[tuple[str, str]], ratio: tuple[float, float, float], seed: int) -> dict[str, list[str]]:
