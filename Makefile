@@ -24,6 +24,7 @@ browser:
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/huayu demo --out out/demo
+	printf '你好\n我最近压力很大，晚上睡不着。\n' | HF_HUB_OFFLINE=1 $(BIN)/huayu chat --max-new-tokens 48  # the bundled model
 
 test: setup browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

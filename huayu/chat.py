@@ -16,7 +16,8 @@ from huayu.generation import EVA_BEAM, DecodingArgs
 
 @dataclass
 class ChatConfig:
-    model: str = field_doc("model directory (or a LoRA/prefix adapter directory whose base is known)",
+    model: str = field_doc("model directory (or a LoRA/prefix adapter directory whose base is known); default: huayu's "
+                           "bundled chat model",
                            positional=True, default=None)
     adapter: str | None = field_doc("LoRA or prefix adapter directory applied on top of MODEL", default=None)
     decoding: DecodingArgs = field_doc("decoding", default_factory=chat_decoding)
@@ -70,12 +71,11 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from huayu.errors import HuayuError
     from huayu.generation import Generator
+    from huayu.models.loading import model_or_bundled
 
     cfg = config_from_args(ChatConfig, args)
-    if not cfg.model:
-        raise HuayuError("pass a model directory: huayu chat MODEL")
+    cfg.model = model_or_bundled(cfg.model)
     session = ChatSession(Generator.load(cfg.model, adapter=cfg.adapter), cfg)
     interactive = sys.stdin.isatty()
     if interactive:

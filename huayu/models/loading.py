@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import warnings
 from pathlib import Path
 
@@ -17,6 +18,17 @@ from huayu.models.families import family_of, family_of_model, family_of_preset
 
 
 ADAPTER_CONFIG = "adapter_config.json"
+# huayu's own small Chinese chat model (recipes/bundled_chat.yaml; its model card is the README there):
+# what `huayu chat` and `huayu serve` talk with when no model is given
+BUNDLED_CHAT_MODEL = Path(__file__).parents[1] / "bundled" / "chat-small"
+
+
+def model_or_bundled(model: str | None) -> str:
+    """`model`, or the bundled chat model (saying so on stderr) when none is given."""
+    if model:
+        return model
+    print(f"(no model given: huayu's bundled chat model, {BUNDLED_CHAT_MODEL}; see its README.md)", file=sys.stderr)
+    return str(BUNDLED_CHAT_MODEL)
 
 
 def _is_model_dir(spec: str) -> bool:

@@ -25,7 +25,8 @@ from huayu.serve.protocol import APIError, ChatRequest, CompletionRequest, Decod
 
 @dataclass
 class ServeConfig:
-    model: str = field_doc("model directory (or an adapter directory whose base is known)", positional=True,
+    model: str = field_doc("model directory (or an adapter directory whose base is known); default: huayu's bundled "
+                           "chat model", positional=True,
                            default=None)
     adapter: str | None = field_doc("LoRA or prefix adapter directory applied on top of MODEL", default=None)
     quantization: str | None = field_doc("quantize on loading: int8 or int4 (weight-only; or serve a huayu quantize "
@@ -281,9 +282,10 @@ def add_arguments(parser) -> None:
 def run(args) -> None:
     import uvicorn
 
+    from huayu.models.loading import model_or_bundled
+
     cfg = config_from_args(ServeConfig, args)
-    if not cfg.model:
-        raise HuayuError("pass a model directory: huayu serve MODEL")
+    cfg.model = model_or_bundled(cfg.model)
     service = build_service(cfg)
     print(f"huayu serve: '{service.name}' at http://{cfg.host}:{cfg.port}/v1 (OpenAI-compatible; batch <= "
           f"{cfg.max_batch_size}, queue <= {cfg.max_queue}{', API key required' if cfg.api_key else ''})", flush=True)

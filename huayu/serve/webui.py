@@ -23,8 +23,8 @@ _START = chat_decoding()  # the sliders start where `huayu chat` decodes
 
 @dataclass
 class WebUIConfig:
-    model: str = field_doc("model directory (or a LoRA/prefix adapter directory whose base is known)",
-                           positional=True, default=None)
+    model: str = field_doc("model directory (or a LoRA/prefix adapter directory whose base is known); default: "
+                           "huayu's bundled chat model", positional=True, default=None)
     adapter: str | None = field_doc("LoRA or prefix adapter directory applied on top of MODEL", default=None)
     quantization: str | None = field_doc('"int8" or "int4" to quantize the weights on loading', default=None)
     host: str = field_doc("address to listen on (0.0.0.0: every interface)", default="127.0.0.1")
@@ -121,11 +121,10 @@ def run(args) -> int:
     import torch
 
     from huayu.api import load
-    from huayu.errors import HuayuError
+    from huayu.models.loading import model_or_bundled
 
     cfg = config_from_args(WebUIConfig, args)
-    if not cfg.model:
-        raise HuayuError("pass a model directory: huayu webui MODEL")
+    cfg.model = model_or_bundled(cfg.model)
     chat_model = load(cfg.model, adapter=cfg.adapter, quantization=cfg.quantization)
     torch.manual_seed(cfg.seed)
     demo = build_demo(chat_model, cfg)
