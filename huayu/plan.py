@@ -131,7 +131,7 @@ def model_config(cfg: PlanConfig):
     return family.build_config(cfg.model, cfg.vocab_size, special)
 
 
-def _batch(config, cfg: PlanConfig, family) -> dict:
+def _batch(cfg: PlanConfig, family) -> dict:
     """A batch of the planned shape, laid out as the family's training batches are."""
 
     from huayu.models.families import BLANK
@@ -158,11 +158,11 @@ def _loss(model, batch: dict, family):
     positions only, here the first 15% of each row: the same shapes without reading the data)."""
     import torch.nn.functional as F
 
+    from huayu.data.whole_word_masking import pretraining_heads
     from huayu.models.families import ENCODE
 
-    core = model.get_base_model() if hasattr(model, "get_base_model") else model
-    heads = getattr(core, "cls", None)
-    if family.layout == ENCODE and heads is not None and hasattr(heads, "predictions"):
+    core, heads = pretraining_heads(model)
+    if family.layout == ENCODE and heads is not None:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
         sequence = core.base_model(**inputs, return_dict=False)[0]
         masked = sequence[:, :max(1, round(MLM_FRACTION * sequence.shape[1]))]
@@ -221,7 +221,6 @@ class LiveTensorBytes(TorchDispatchMode):
 def _fake_cpu_tensors(model, mode) -> None:
     """Every parameter and buffer of a meta-device `model` replaced by a CPU fake tensor of its shape
     (CPU: what autocast and the CPU kernels' shape rules apply to); tied weights stay tied."""
-
     made: dict[int, torch.Tensor] = {}
     with mode:
         for module in model.modules():
@@ -267,7 +266,7 @@ def estimate(cfg: PlanConfig) -> Estimate:
             quantize_model(model, bits, (record["group_size"] or 32) if record else 32)
         elif bits == 16 and cfg.inference:
             model = model.to(torch.bfloat16)
-    batch = _batch(config, cfg, family)
+    batch = _batch(cfg, family)
     memory = LiveTensorBytes()
     weights = memory.hold(*model.parameters(), *model.buffers())
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bits == 16 and not cfg.inference)

@@ -169,6 +169,13 @@ def whole_word_mask(word_starts: np.ndarray, candidate: np.ndarray, prob: float,
     return positions[chosen[word_of]]
 
 
+def pretraining_heads(model):
+    """(the transformers model under any peft adapter, its BERT pre-training heads or None)."""
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    heads = getattr(core, "cls", None)
+    return core, heads if heads is not None and hasattr(heads, "predictions") else None
+
+
 def mlm_loss(model, batch: dict):
     """(MLM + SOP loss, their parts) with the prediction head applied to the masked positions only
     (ERNIE's gather: a sixth of the head's work). Models without BERT's pre-training heads
@@ -176,9 +183,8 @@ def mlm_loss(model, batch: dict):
     import torch.nn.functional as F
 
     labels, order = batch["labels"], batch.get("next_sentence_label")
-    core = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft adapter
-    heads = getattr(core, "cls", None)
-    if heads is None or not hasattr(heads, "predictions"):
+    core, heads = pretraining_heads(model)
+    if heads is None:
         if order is not None:
             raise HuayuError(f"{type(model).__name__} has no sentence-order head: train without --sop")
         inputs = {k: v for k, v in batch.items() if k != "next_sentence_label"}
