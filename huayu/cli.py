@@ -55,6 +55,13 @@ def _top_help() -> str:
     return "\n".join(lines)
 
 
+def _usage(parser: argparse.ArgumentParser) -> str:
+    """One line: the positionals, then [options]; argparse's own lists every flag (~35 lines for sft)."""
+    positionals = [f"[{a.dest.upper()}]" if a.nargs in ("?", "*") else a.dest.upper()
+                   for a in parser._actions if not a.option_strings]
+    return " ".join(["%(prog)s", *positionals, "[options]"])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -72,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments, run = _load(target)
     parser = argparse.ArgumentParser(prog=f"huayu {name}", description=help_)
     add_arguments(parser)
+    parser.usage = _usage(parser)
     args = parser.parse_args(argv[len(name.split()):])
     try:
         return int(run(args) or 0)

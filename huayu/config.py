@@ -35,15 +35,25 @@ def field_doc(help: str, **kwargs) -> Any:
     return dataclasses.field(default=kwargs.pop("default", None), metadata=metadata)
 
 
-def _leaves(cls, prefix: str = ""):
-    """Yield (dotted name, field, python type) for every non-dataclass field of `cls`."""
+def _field_default(f, parent=None):
+    """A field's default: its value in `parent` (the enclosing field's default instance, e.g. chat's
+    sampling DecodingArgs) when given, else its own default or default factory."""
+    if parent is not None:
+        return getattr(parent, f.name)
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+
+
+def _leaves(cls, prefix: str = "", parent=None):
+    """Yield (dotted name, field, python type, default) for every non-dataclass field of `cls`."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            yield from _leaves(tp, f"{prefix}{f.name}.")
+            yield from _leaves(tp, f"{prefix}{f.name}.", _field_default(f, parent))
         else:
-            yield f"{prefix}{f.name}", f, tp
+            yield f"{prefix}{f.name}", f, tp, _field_default(f, parent)
 
 
 def _base_type(tp):
@@ -96,13 +106,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
     parser.add_argument("--config", metavar="YAML", help="YAML file overriding the defaults")
     leaves = list(_leaves(cls))
     short_counts: dict[str, int] = {}
-    for name, f, _ in leaves:
+    for name, *_ in leaves:
         short = name.rsplit(".", 1)[-1]
         short_counts[short] = short_counts.get(short, 0) + 1
-    for name, f, tp in leaves:
+    for name, f, tp, default in leaves:
         help_text = f.metadata.get("help", "")
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         if "(default" not in help_text:
             help_text = f"{help_text} (default: {default!r})"
         if f.metadata.get("positional"):
@@ -110,11 +118,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
             parser.add_argument(name, nargs="*" if many else "?", default=argparse.SUPPRESS, help=help_text)
             continue
         short = name.rsplit(".", 1)[-1]
-        flags = [f"--{name}"]
-        if "." in name and short_counts[short] == 1:
-            flags += [f"--{short.replace('_', '-')}"]
-        elif "_" in name:
-            flags += [f"--{name.replace('_', '-')}"]
+        # the dashed short form first (what usage lines show), the full dotted name as an alias
+        flags = [f"--{(short if short_counts[short] == 1 else name).replace('_', '-')}", f"--{name}"]
         flags = list(dict.fromkeys(flags + list(f.metadata.get("aliases", ()))))
         kwargs: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=help_text,
                                       metavar=short.upper())
@@ -132,8 +137,10 @@ def _nested_set(tree: dict, dotted: str, value) -> None:
     tree[keys[-1]] = value
 
 
-def build_config(cls, overrides: dict, source: str = "config"):
-    """Build `cls` from a nested dict of overrides; unknown keys raise ConfigError."""
+def build_config(cls, overrides: dict, source: str = "config", base=None):
+    """Build `cls` from a nested dict of overrides on top of `base` (default: the class defaults;
+    a nested section starts from its field's default, e.g. chat's sampling DecodingArgs, so an
+    override changes only what it names); unknown keys raise ConfigError."""
     hints = typing.get_type_hints(cls)
     names = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -144,10 +151,10 @@ def build_config(cls, overrides: dict, source: str = "config"):
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: '{key}' must be a mapping")
-            kwargs[key] = build_config(tp, value, f"{source}: {key}")
+            kwargs[key] = build_config(tp, value, f"{source}: {key}", _field_default(names[key], base))
         else:
             kwargs[key] = _convert(key, tp, value)
-    return cls(**kwargs)
+    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
 
 
 def config_from_args(cls, args: argparse.Namespace):
@@ -162,7 +169,7 @@ def config_from_args(cls, args: argparse.Namespace):
         if not isinstance(loaded, dict):
             raise ConfigError(f"{yaml_path}: a config file must be a mapping")
         tree = loaded
-    for name, _, _ in _leaves(cls):
+    for name, *_ in _leaves(cls):
         if hasattr(args, name):
             _nested_set(tree, name, getattr(args, name))
     return build_config(cls, tree, source=yaml_path or "config")
