@@ -57,3 +57,33 @@ def test_saved_config_round_trips(tmp_path):
 def test_list_flags_take_several_values():
     cfg = parse(["--names", "a.txt", "b.txt"])
     assert cfg.names == ["a.txt", "b.txt"]
+
+
+@dataclass
+class Sampling:
+    do_sample: bool = field_doc("sample", default=False)
+    temperature: float = field_doc("temperature", default=1.0)
+    max_new_tokens: int = field_doc("max new tokens", default=64)
+
+
+@dataclass
+class WithFactory:
+    decoding: Sampling = field_doc("decoding", default_factory=lambda: Sampling(do_sample=True, temperature=0.7))
+
+
+def test_a_flag_of_a_section_keeps_the_rest_of_its_factory_default():
+    p = argparse.ArgumentParser()
+    add_config_arguments(p, WithFactory)
+    cfg = config_from_args(WithFactory, p.parse_args(["--max-new-tokens", "24"]))
+    assert cfg.decoding == Sampling(do_sample=True, temperature=0.7, max_new_tokens=24)
+    helptext = p.format_help()
+    assert "(default: 0.7)" in helptext and "(default: True)" in helptext
+
+
+def test_usage_is_one_line(capsys):
+    from huayu.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["sft", "--help"])
+    usage = capsys.readouterr().out.split("\n\n")[0]
+    assert usage == "usage: huayu sft [options]"
