@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from huayu.errors import HuayuError
+from huayu.models.loading import ALLOW_PICKLE_ENV, ALLOW_PICKLE_FLAG
 
 # command words -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -38,6 +40,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "recipe run": ("huayu.recipes:run", "Run a multi-stage training recipe (YAML); finished stages are skipped"),
     "demo": ("huayu.demo", "Train, evaluate and chat with a tiny model on the bundled corpus"),
 }
+
+# the commands that load a model or adapter from a directory
+LOADS_MODELS = {"pretrain", "sft", "finetune-cls", "eval", "export merge", "export reshard", "quantize",
+                "export onnx", "predict", "generate", "chat", "serve", "webui", "recipe run"}
 
 
 def _load(target: str):
@@ -79,8 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments, run = _load(target)
     parser = argparse.ArgumentParser(prog=f"huayu {name}", description=help_)
     add_arguments(parser)
+    if name in LOADS_MODELS:
+        parser.add_argument(ALLOW_PICKLE_FLAG, action="store_true", help="load weights stored only as pickles "
+                            "(pytorch_model.bin): unpickling can run code, so only for files you trust")
     parser.usage = _usage(parser)
     args = parser.parse_args(argv[len(name.split()):])
+    if getattr(args, "allow_pickle_weights", False):
+        os.environ[ALLOW_PICKLE_ENV] = "1"  # for this process and the stages a recipe runs
     try:
         return int(run(args) or 0)
     except HuayuError as exc:

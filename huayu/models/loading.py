@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -29,6 +30,30 @@ def model_or_bundled(model: str | None) -> str:
         return model
     print(f"(no model given: huayu's bundled chat model, {BUNDLED_CHAT_MODEL}; see its README.md)", file=sys.stderr)
     return str(BUNDLED_CHAT_MODEL)
+
+
+# Pickled weights can run code on loading; they are read only when the user says they trust them.
+ALLOW_PICKLE_ENV = "HUAYU_ALLOW_PICKLE_WEIGHTS"
+ALLOW_PICKLE_FLAG = "--allow-pickle-weights"
+
+
+def pickle_weights_allowed() -> bool:
+    return os.environ.get(ALLOW_PICKLE_ENV, "") not in ("", "0", "false")
+
+
+def check_safe_weights(directory: str | Path, adapter: bool = False) -> None:
+    """Refuse a model (or adapter) directory whose weights exist only as pickles (pytorch_model.bin,
+    adapter_model.bin, ...): unpickling a planted file runs its code. The user may allow them."""
+    directory = Path(directory)
+    stem = "adapter_model" if adapter else "model"
+    if list(directory.glob(f"{stem}*.safetensors")) or pickle_weights_allowed():
+        return
+    pickles = sorted(p.name for p in directory.glob("*.bin") if p.name.startswith(
+        "adapter_model" if adapter else "pytorch_model"))
+    if pickles:
+        raise HuayuError(f"'{directory}' holds its weights only as a pickle ({', '.join(pickles)}), and loading a "
+                         f"pickle can run code planted in it: use a safetensors copy of the model, or pass "
+                         f"{ALLOW_PICKLE_FLAG} (or set {ALLOW_PICKLE_ENV}=1) if you trust these files")
 
 
 def _is_model_dir(spec: str) -> bool:
@@ -136,10 +161,12 @@ def _load_base(spec: str, tokenizer, dtype, seed: int, classes: list[str] | None
                 raise HuayuError(f"'{spec}' is quantized, for inference only: build the classifier from the "
                                  "full-precision model")
             return load_quantized(spec, config, auto, dtype)
+        check_safe_weights(spec)
         torch.manual_seed(seed)  # a new classification head is initialised reproducibly
         with _quiet_new_head(classes is not None):
             # by absolute path, so that an adapter trained on this model records where its base is
-            model = auto.from_pretrained(str(Path(spec).resolve()), dtype=dtype, **_classifier_kwargs(classes))
+            model = auto.from_pretrained(str(Path(spec).resolve()), dtype=dtype, **_classifier_kwargs(classes),
+                                         use_safetensors=None if pickle_weights_allowed() else True)
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             raise HuayuError(f"tokenizer has {len(tokenizer)} tokens but the model at '{spec}' "
                              f"has only {model.get_input_embeddings().num_embeddings} embeddings")
@@ -228,6 +255,7 @@ def _attach_adapter(model, adapter: str, mismatch: str, trainable: bool):
     """`model` with the peft adapter at `adapter`; peft's shape or module errors explained."""
     from peft import PeftModel
 
+    check_safe_weights(adapter, adapter=True)
     try:
         with peft_quietly():
             return _trainable_adapter(model, adapter) if trainable else PeftModel.from_pretrained(model, adapter)

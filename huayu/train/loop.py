@@ -31,9 +31,9 @@ from huayu.data.templates import write_template_record
 from huayu.errors import HuayuError
 from huayu.train import distributed
 from huayu.train.schedules import SCHEDULES, lr_multiplier
+from huayu.train.state import LEGACY_PICKLE, has_state, load_state, save_state
 
 CHECKPOINTS = "checkpoints"
-STATE_FILE = "trainer_state.pt"
 
 
 @dataclass
@@ -79,7 +79,7 @@ def latest_checkpoint(out: str | Path) -> Path | None:
     """The newest complete `out/checkpoints/step-N` directory, or None."""
     root = Path(out) / CHECKPOINTS
     steps = sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if root.is_dir() else []
-    steps = [p for p in steps if (p / STATE_FILE).exists()]
+    steps = [p for p in steps if has_state(p) or (p / LEGACY_PICKLE).exists()]  # a legacy one: refused on loading
     return steps[-1] if steps else None
 
 
@@ -215,8 +215,8 @@ def _save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, schedule
     shutil.rmtree(tmp, ignore_errors=True)
     _save_weights(tmp, model, tokenizer, chat_trained)
     save_config(cfg, tmp / "config.yaml")
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng_by_rank": rng_by_rank}, tmp / STATE_FILE)
+    save_state(tmp, {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "rng_by_rank": rng_by_rank})
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep or None]:
@@ -305,7 +305,7 @@ def fit(model, tokenizer, examples: list, collate, args: TrainArgs, out: str | P
     torch.manual_seed(args.seed + distributed.rank())  # ranks differ in dropout and masking, not in weights
     random.seed(args.seed + distributed.rank())
     if resume_from is not None:
-        state = torch.load(resume_from / STATE_FILE, weights_only=False)
+        state = load_state(resume_from)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start = state["step"]
@@ -345,14 +345,14 @@ def fit(model, tokenizer, examples: list, collate, args: TrainArgs, out: str | P
         window.add_step(losses, counts["seqs"], counts["tokens"])
         lr = scheduler.get_last_lr()[0]
         bar.update(1)
-        bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{window.rates()['tokens_per_s']:,.0f}",
+        bar.set_postfix(step_loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{window.rates()['tokens_per_s']:,.0f}",
                         refresh=False)
         if step % args.log_every == 0 or step == steps:
             if main:
                 values = window.summary()
                 log.write(step, **{f"train_{k}": v for k, v in values.items()}, train_lr=lr)
                 shown = "  ".join(f"{k} {v:.4f}" for k, v in values.items() if k.endswith("loss"))
-                tqdm.write(f"step {step}/{steps}: {shown}  lr {lr:.2e}  {values['steps_per_s']:.2f} steps/s  "
+                tqdm.write(f"step {step}/{steps} (mean of {window.steps} steps): {shown}  lr {lr:.2e}  {values['steps_per_s']:.2f} steps/s  "
                            f"{values['seqs_per_s']:,.1f} seqs/s  {values['tokens_per_s']:,.0f} tokens/s")
             window = _Window()
         if validates and ((args.eval_every and step % args.eval_every == 0) or step == steps):
