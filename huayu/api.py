@@ -9,7 +9,8 @@
     model.generate(["春天来了，", "从前有座山，"], max_new_tokens=20)
 
 History is a list of OpenAI-style messages ({"role", "content"}); ChatGLM-style [query, response]
-pairs are accepted too. Decoding options are the fields of `huayu.generation.DecodingArgs`.
+pairs are accepted too. Decoding options are the fields of `huayu.generation.DecodingArgs`; chat's
+start from huayu's sampling defaults with the model's generation_config.json on top (`model.decoding`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ def chat_decoding() -> DecodingArgs:
     from huayu.generation import EVA_SAMPLE
 
     return DecodingArgs(**{**EVA_SAMPLE, "repetition_penalty": 1.2})
+
+
+def model_chat_decoding(generator: Generator) -> DecodingArgs:
+    """chat_decoding() under what the model's generation_config.json sets: its authors' choice for this
+    model beats huayu's general one. GenerationConfig's defaults are all None, so what differs was set."""
+    known = {f.name for f in dataclasses.fields(DecodingArgs)}
+    own = {k: v for k, v in generator.model.generation_config.to_diff_dict().items() if k in known}
+    return dataclasses.replace(chat_decoding(), **own)
 
 
 def decoding_args(base: DecodingArgs, options: dict) -> DecodingArgs:
@@ -60,6 +69,7 @@ class ChatModel:
         self.generator, self.path = generator, path
         self.tokenizer, self.model = generator.tokenizer, generator.model
         self.max_source_length = max_source_length or generator.max_positions // 2
+        self.decoding = model_chat_decoding(generator)  # what chat() decodes with unless told otherwise
 
     @property
     def template_problem(self) -> str | None:
@@ -77,7 +87,7 @@ class ChatModel:
                     **decoding) -> Iterator[tuple[str, list[dict]]]:
         """Yield (reply so far, history with it) as the reply grows; the last is the whole reply."""
         messages, prompt = self._prompt(query, history, system)
-        d, response = decoding_args(chat_decoding(), decoding), ""
+        d, response = decoding_args(self.decoding, decoding), ""
         for piece in self.generator.stream_ids(prompt, d):
             response += piece
             yield response, messages + [{"role": "assistant", "content": response}]
@@ -87,7 +97,7 @@ class ChatModel:
     def chat(self, query: str, history=None, system: str | None = None, **decoding) -> tuple[str, list[dict]]:
         """(reply, history + [query, reply]) of one turn; `history` itself is left unchanged."""
         messages, prompt = self._prompt(query, history, system)
-        response = self.generator.generate_ids([prompt], decoding_args(chat_decoding(), decoding))[0].strip()
+        response = self.generator.generate_ids([prompt], decoding_args(self.decoding, decoding))[0].strip()
         return response, messages + [{"role": "assistant", "content": response}]
 
     def fill(self, text: str, **decoding) -> str:

@@ -1,23 +1,32 @@
 """`huayu chat`: multi-turn chat in the terminal, or one reply per line of piped stdin.
 
 Commands, as in EVA's interactive demo: `clear` starts a new dialogue, `seed N` sets the random
-seed, `stop` or `exit` quits. With piped input nothing but the replies is printed, one per line.
+seed, `stop` or `exit` quits. With piped input stdout holds nothing but the replies, one per line;
+what commands say goes to stderr.
+
+Decoding layers, each changing only what it names: huayu's chat defaults, the model's own
+generation_config.json, `--beam`, then the decoding options the user set (flags or `--config`).
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
+from collections.abc import Collection
 from dataclasses import dataclass
+from pathlib import Path
 
-from huayu.api import chat_decoding
+from huayu.api import chat_decoding, decoding_args, model_chat_decoding
 from huayu.config import add_config_arguments, config_from_args, field_doc
-from huayu.generation import EVA_BEAM, DecodingArgs
+from huayu.errors import HuayuError
+from huayu.generation import EVA_BEAM, DecodingArgs, TemplateWarning
 
 
 @dataclass
 class ChatConfig:
     model: str = field_doc("model directory (or a LoRA/prefix adapter directory whose base is known); default: huayu's "
-                           "bundled chat model",
+                           "bundled chat model. Decoding options its generation_config.json sets replace the "
+                           "defaults below",
                            positional=True, default=None)
     adapter: str | None = field_doc("LoRA or prefix adapter directory applied on top of MODEL", default=None)
     decoding: DecodingArgs = field_doc("decoding", default_factory=chat_decoding)
@@ -28,15 +37,38 @@ class ChatConfig:
     system: str | None = field_doc("optional system message", default=None)
 
 
+def set_seed(seed: int) -> None:
+    """torch.manual_seed, with an error saying the range it accepts instead of its overflow traceback."""
+    import torch
+
+    if not -2**63 <= seed <= 2**64 - 1:
+        raise HuayuError(f"seed {seed} is out of range: use an integer from -2**63 to 2**64-1")
+    torch.manual_seed(seed)
+
+
+def given_decoding(args) -> set[str]:
+    """The decoding options the user set, by flag (argparse keeps only the flags given) or in the
+    --config file (already checked by config_from_args)."""
+    import yaml
+
+    given = {name.removeprefix("decoding.") for name in vars(args) if name.startswith("decoding.")}
+    if getattr(args, "config", None):
+        given |= set((yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {}).get("decoding") or {})
+    return given
+
+
 class ChatSession:
     """A dialogue in progress: the history and the commands that act on it."""
 
-    def __init__(self, generator, cfg: ChatConfig):
-        import torch
-
+    def __init__(self, generator, cfg: ChatConfig, given: Collection[str] | None = None):
+        """`given`: the options of cfg.decoding the user set (default: those differing from chat's defaults).
+        Only they override the model's generation config and --beam; the rest are left to those."""
         self.generator, self.cfg = generator, cfg
-        self.decoding = DecodingArgs(**{**cfg.decoding.__dict__, **(EVA_BEAM if cfg.beam else {})})
-        torch.manual_seed(cfg.seed)
+        if given is None:
+            given = {k for k, v in vars(chat_decoding()).items() if getattr(cfg.decoding, k) != v}
+        options = {name: getattr(cfg.decoding, name) for name in given}
+        self.decoding = decoding_args(model_chat_decoding(generator), {**(EVA_BEAM if cfg.beam else {}), **options})
+        set_seed(cfg.seed)
         self.clear()
 
     def clear(self) -> None:
@@ -44,14 +76,15 @@ class ChatSession:
 
     def command(self, line: str) -> str | None:
         """Handle a command word; return a status message, or None if `line` is not a command."""
-        import torch
-
         words = line.split()
         if words == ["clear"]:
             self.clear()
             return "(new dialogue)"
-        if len(words) == 2 and words[0] == "seed" and words[1].lstrip("-").isdigit():
-            torch.manual_seed(int(words[1]))
+        if len(words) == 2 and words[0] == "seed" and words[1].removeprefix("-").isdecimal():
+            try:
+                set_seed(int(words[1]))
+            except HuayuError as exc:
+                return f"({exc})"
             return f"(seed {words[1]})"
         return None
 
@@ -76,8 +109,18 @@ def run(args) -> int:
 
     cfg = config_from_args(ChatConfig, args)
     cfg.model = model_or_bundled(cfg.model)
-    session = ChatSession(Generator.load(cfg.model, adapter=cfg.adapter), cfg)
-    interactive = sys.stdin.isatty()
+    generator = Generator.load(cfg.model, adapter=cfg.adapter)
+    session = ChatSession(generator, cfg, given_decoding(args))
+    if generator.template_problem:
+        print(f"huayu chat: warning: {generator.template_problem}", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TemplateWarning)  # said once above, not again at the first reply
+        converse(session, interactive=sys.stdin.isatty())
+    return 0
+
+
+def converse(session: ChatSession, interactive: bool) -> None:
+    """Read lines until EOF, stop or exit; piped, stdout gets only the replies, one per line."""
     if interactive:
         print("输入 clear 开始新对话，seed N 设置随机种子，stop 或 exit 退出。")
     while True:
@@ -91,8 +134,7 @@ def run(args) -> int:
             continue
         status = session.command(line)
         if status is not None:
-            if interactive:
-                print(status)
+            print(status, file=sys.stdout if interactive else sys.stderr)
             continue
         if interactive:
             print("模型 >>> ", end="", flush=True)
@@ -101,4 +143,3 @@ def run(args) -> int:
             print()
         else:
             print("".join(session.reply(line)).replace("\n", " ").strip(), flush=True)
-    return 0

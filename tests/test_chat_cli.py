@@ -1,4 +1,4 @@
-"""`huayu chat` driven through a pipe: one reply per line, commands act but print nothing."""
+"""`huayu chat` driven through a pipe: one reply per line on stdout, commands act (their messages: stderr)."""
 
 import os
 import subprocess
@@ -21,7 +21,7 @@ def chat(model_dir, text, *flags):
 
 def test_piped_chat_one_reply_per_line(tiny_model_dir):
     lines = chat(tiny_model_dir, "你好\n\nseed 3\n你是谁？\nclear\n晚安\nexit\n不会被回答\n", "--beam")
-    assert len(lines) == 3  # 你好, 你是谁？, 晚安; blank line, seed and clear print nothing; exit stops
+    assert len(lines) == 3  # 你好, 你是谁？, 晚安; blank line, seed and clear: nothing on stdout; exit stops
 
 
 def test_clear_and_seed_make_replies_reproducible(tiny_model_dir):
