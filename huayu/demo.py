@@ -17,18 +17,21 @@ from pathlib import Path
 
 from huayu.config import add_config_arguments, config_from_args, field_doc
 from huayu.errors import HuayuError
+from huayu.outputs import OVERWRITE_HELP, check_output_dir, claim_output_dir
 
 GREETINGS = ["你好", "你是谁？", "你喜欢什么？", "再见"]
 
 
 @dataclass
 class DemoConfig:
-    out: str = field_doc("working directory (replaced if it exists)", default="out/demo")
+    out: str = field_doc("working directory: new or empty, or an earlier demo's (which is replaced)",
+                         default="out/demo")
     corpus: str | None = field_doc("directory of chatterbot-style YAML files (default: chatterbot-corpus's Chinese)",
                                    default=None)
     pretrain_steps: int = field_doc("pre-training steps", default=200)
     sft_epochs: float = field_doc("fine-tuning epochs", default=6.0)
     test_every: int = field_doc("hold out every N-th conversation for evaluation", default=10)
+    overwrite: bool = field_doc(OVERWRITE_HELP, default=False)
 
 
 def default_corpus() -> Path:
@@ -73,9 +76,13 @@ def prepare_data(corpus: Path, data: Path, test_every: int) -> None:
 
 def run_demo(cfg: DemoConfig) -> None:
     out = Path(cfg.out)
-    shutil.rmtree(out, ignore_errors=True)
+    corpus = Path(cfg.corpus) if cfg.corpus else default_corpus()
+    if check_output_dir(out, "demo", cfg.overwrite):
+        print(f"replacing the earlier demo in {out}")
+        shutil.rmtree(out)  # huayu's own output, recognised by its record
+    claim_output_dir(out, "demo", cfg.overwrite)
     data = out / "data"
-    prepare_data(Path(cfg.corpus) if cfg.corpus else default_corpus(), data, cfg.test_every)
+    prepare_data(corpus, data, cfg.test_every)
     _huayu("tokenizer", "train", "--data", str(data / "pretrain.txt"), "--kind", "char",
            "--vocab-size", "4000", "--out", str(out / "tokenizer"))
     _huayu("pretrain", "--model", "tiny", "--tokenizer", str(out / "tokenizer"), "--data",

@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from huayu.errors import HuayuError
+from huayu.outputs import OVERWRITE_HELP, check_output_dir, claim_output_dir
 
 TRAINING = ("pretrain", "sft")
 _COMMON = {"name", "command", "args"}
@@ -266,6 +267,7 @@ def add_run_arguments(parser) -> None:
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="VAR=VALUE",
                         help="override a variable of the recipe's vars:, e.g. --set data_root=/data")
     parser.add_argument("--dry-run", action="store_true", help="check the recipe and print the stages' commands")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
 
 def run_run(args) -> None:
@@ -274,6 +276,7 @@ def run_run(args) -> None:
         raise HuayuError(f"--set expects VAR=VALUE, got {', '.join(bad)}")
     recipe = load_recipe(args.recipe, dict(s.split("=", 1) for s in args.set))
     stages = plan(recipe)
+    check_output_dir(recipe["out"], "recipe run", args.overwrite)  # an earlier run of a recipe is continued
     check_markers(stages)
     check_arguments(stages)
     if args.dry_run:
@@ -281,7 +284,7 @@ def run_run(args) -> None:
             print("\n".join(f"{stage.name}: huayu {shlex.join(a)}" for a in (stage.argv, stage.eval_argv) if a))
         return None
     out = Path(recipe["out"])
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(out, "recipe run", args.overwrite)
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, allow_unicode=True, sort_keys=False), encoding="utf-8")
     for stage in stages:
         execute(stage)

@@ -48,6 +48,8 @@ class IndexConfig:
     split_seed: int = field_doc("seed of the document shuffle the split cuts", default=1234)
     skip_invalid: bool = field_doc("skip malformed records (and report how many) instead of stopping",
                                    default=False)
+    overwrite: bool = field_doc("replace files at PREFIX that are not a token store (an earlier store there is "
+                                "always replaced)", default=False)
 
 
 # ---------------------------------------------------------------- segmentation and tokenization
@@ -97,6 +99,7 @@ class ChunkEncoder:
         from huayu.models.loading import load_tokenizer
 
         self.tokenizer = load_tokenizer(tokenizer_dir)
+        self.tokenizer.backend_tokenizer.encode_special_tokens = True  # "</s>" in a corpus is text
         self.segment = segmenter(segmenter_name)
         self.char_table = char_lookup_table(self.tokenizer)
         self.added = [t.content for t in self.tokenizer.backend_tokenizer.get_added_tokens_decoder().values()]
@@ -360,6 +363,10 @@ def check(cfg: IndexConfig) -> None:
         raise HuayuError("--workers must be at least 1 and --chunk-mb positive")
     parse_split(cfg.split)
     segmenter(cfg.segmenter)
+    taken = [str(p) for p in store_files(cfg.out).values() if p.exists()]
+    if taken and not (is_store(cfg.out) or cfg.overwrite):
+        raise HuayuError(f"--out '{cfg.out}': {', '.join(taken)} exist and are not a huayu token store: choose "
+                         "another prefix, or pass --overwrite to replace them")
 
 
 def add_index_arguments(parser) -> None:

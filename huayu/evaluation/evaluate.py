@@ -20,6 +20,7 @@ from huayu.config import add_config_arguments, config_from_args, field_doc, save
 from huayu.data.sources import DialogueDataArgs
 from huayu.errors import HuayuError
 from huayu.generation import DecodingArgs
+from huayu.outputs import OVERWRITE_HELP, check_output_dir, claim_output_dir
 from huayu.models.families import CAUSAL
 
 USAGE = "usage: huayu eval MODEL --data PATH [--general-data PATH ...] --out DIR  (or MODEL --general-data PATH)"
@@ -41,6 +42,7 @@ class EvalConfig:
     eva_compat: bool = field_doc("reproduce EVA's metric code where it differs", default=False)
     skip_invalid: bool = field_doc("skip malformed records (reported) instead of stopping", default=False)
     seed: int = field_doc("random seed (for sampling)", default=1234)
+    overwrite: bool = field_doc(OVERWRITE_HELP, default=False)
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -52,6 +54,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     if not cfg.model or not (cfg.data or cfg.general_data):
         raise HuayuError(USAGE)
+    check_output_dir(cfg.out, "eval", cfg.overwrite)  # before the work, not after it
     torch.manual_seed(cfg.seed)
     dialogues = _read_dialogues(cfg) if cfg.data else []
     general = _read_general(cfg) if cfg.general_data else []
@@ -158,7 +161,7 @@ def _ppl(loss: float) -> float:
 
 def _write(out: Path, cfg: EvalConfig, metrics: dict, rows: list[dict]) -> None:
     """metrics.json, and with dialogues predictions.jsonl plus ChatGLM's generated_predictions.jsonl."""
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(out, "eval", cfg.overwrite)
     save_config(cfg, out / "config.yaml")
     files = {"metrics.json": json.dumps(metrics, ensure_ascii=False, indent=2) + "\n"}
     if rows:

@@ -195,6 +195,6 @@ def run(args) -> None:
     cfg = config_from_args(ClassifyConfig, args)
     check(cfg)
     with distributed.session():  # under torchrun: rank 0 predicts, once training is done
-        run_stage(cfg, lambda tok: stage_data(cfg, tok))
+        run_stage(cfg, "finetune-cls", lambda tok: stage_data(cfg, tok))
         if cfg.test and distributed.is_main():
             predict_test(cfg)

@@ -203,4 +203,4 @@ def add_arguments(parser) -> None:
 def run(args) -> None:
     cfg = config_from_args(PretrainConfig, args)
     objective(cfg)  # before any data is read
-    run_stage(cfg, lambda tok: build_examples(cfg, tok))
+    run_stage(cfg, "pretrain", lambda tok: build_examples(cfg, tok))

@@ -169,4 +169,4 @@ def add_arguments(parser) -> None:
 def run(args) -> None:
     cfg = config_from_args(SftConfig, args)
     check(cfg)
-    run_stage(cfg, lambda tok: build_examples(cfg, tok), chat_trained=True)
+    run_stage(cfg, "sft", lambda tok: build_examples(cfg, tok), chat_trained=True)

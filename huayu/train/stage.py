@@ -8,6 +8,7 @@ from typing import Callable
 
 from huayu.config import field_doc
 from huayu.errors import HuayuError
+from huayu.outputs import OVERWRITE_HELP, check_output_dir, claim_output_dir, output_owner
 from huayu.train import distributed
 from huayu.train.loop import CHECKPOINTS, Evaluation, LossFn, TrainArgs, fit, latest_checkpoint, model_loss
 from huayu.train.methods import FinetuningArgs, apply_finetuning, check_finetuning
@@ -24,6 +25,7 @@ class StageConfig:
     out: str = field_doc("output directory", default="out/run")
     skip_invalid: bool = field_doc("skip malformed records (and report how many) instead of stopping",
                                    default=False)
+    overwrite: bool = field_doc(OVERWRITE_HELP, default=False)
     finetuning: FinetuningArgs = field_doc("which weights to train", default_factory=FinetuningArgs)
     train: TrainArgs = field_doc("optimisation", default_factory=TrainArgs)
 
@@ -41,7 +43,16 @@ class StageData:
     classes: list[str] | None = None
 
 
-def check(cfg: StageConfig) -> None:
+def _is_own_run(out: Path, command: str, overwrite: bool) -> bool:
+    """Whether `out` holds an earlier run of `command` (without a record: a training run of a huayu
+    that wrote none, its config and checkpoints); anything else but an empty `out` is refused
+    unless `overwrite` (huayu.outputs)."""
+    if output_owner(out) is None and (out / CHECKPOINTS).is_dir() and (out / "config.yaml").exists():
+        return True
+    return check_output_dir(out, command, overwrite)
+
+
+def check(cfg: StageConfig, command: str) -> None:
     from huayu.models.loading import is_adapter_dir
 
     if not cfg.data:
@@ -61,24 +72,28 @@ def check(cfg: StageConfig) -> None:
             raise HuayuError(f"--train.{name} must be at least 1")
     if cfg.train.lr <= 0:
         raise HuayuError("--train.lr must be positive")
-    if (Path(cfg.out) / CHECKPOINTS).is_dir() and not cfg.train.resume:
-        raise HuayuError(f"'{cfg.out}' already holds checkpoints: pass --resume to continue that run, "
-                         "or choose another --out")
+    if _is_own_run(Path(cfg.out), command, cfg.overwrite) and (Path(cfg.out) / CHECKPOINTS).is_dir() \
+            and not cfg.train.resume:
+        raise HuayuError(f"'{cfg.out}' already holds checkpoints of an earlier run: pass --resume to continue "
+                         "that run, or choose another --out")
 
 
-def run_stage(cfg: StageConfig, build_examples, chat_trained: bool = False) -> dict:
+def run_stage(cfg: StageConfig, command: str, build_examples, chat_trained: bool = False) -> dict:
     """Load the tokenizer and model (from the last checkpoint when resuming), build the examples
-    with `build_examples(tokenizer) -> (train, valid or None)` or a StageData, and train.
-    `chat_trained`: the examples are rendered with the chat template, which the outputs then record.
-    Under torchrun every process runs this; rank 0 builds (and caches) the examples first."""
-    check(cfg)
+    with `build_examples(tokenizer) -> (train, valid or None)` or a StageData, and train `command`'s
+    model into cfg.out. `chat_trained`: the examples are rendered with the chat template, which the
+    outputs then record. Under torchrun every process runs this; rank 0 builds (and caches) the
+    examples first."""
+    check(cfg, command)
     with distributed.session():
-        return _run_stage(cfg, build_examples, chat_trained)
+        return _run_stage(cfg, command, build_examples, chat_trained)
 
 
-def _run_stage(cfg: StageConfig, build_examples, chat_trained: bool) -> dict:
+def _run_stage(cfg: StageConfig, command: str, build_examples, chat_trained: bool) -> dict:
     from huayu.models.loading import count_parameters, load_tokenizer
 
+    if distributed.is_main():
+        claim_output_dir(cfg.out, command, overwrite=True)  # check() applied the rule
     ckpt = latest_checkpoint(cfg.out) if cfg.train.resume else None
     if cfg.train.resume and ckpt is None:
         print(f"no checkpoint under {cfg.out}; starting from the beginning")
