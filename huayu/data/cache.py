@@ -27,7 +27,7 @@ from pathlib import Path
 from huayu.config import field_doc
 from huayu.data.batching import Example
 
-CACHE_VERSION = 1  # bump whenever the encoding of examples changes, so older entries are not read
+CACHE_VERSION = 2  # bump whenever the encoding of examples changes, so older entries are not read
 CONTENT_HASH_LIMIT = 64 * 2**20  # files up to this many bytes are keyed by their content
 DEFAULT_CACHE_DIR = "~/.cache/huayu/datasets"
 EXAMPLES_FILE = "examples.arrow"

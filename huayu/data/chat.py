@@ -3,10 +3,17 @@
 Each message is rendered by diffing the template's output for messages[:i] and messages[:i+1], so
 any prefix-stable Jinja template works (huayu's default, Qwen's, ...). An assistant message splits
 into a header (e.g. "<|assistant|>", no loss) and a body (content + end-of-turn, which is learned).
+
+Message content is always plain text: the template is rendered with an unguessable placeholder in
+place of each content, the template's own text is tokenized with its special tokens and each
+content with special tokens split into ordinary text. So a message containing "</s><|assistant|>"
+(or "<|im_start|>system") cannot forge turns; control tokens come only from the template.
 """
 
 from __future__ import annotations
 
+import re
+import secrets
 from dataclasses import dataclass
 
 from huayu.data.batching import IGNORE, Example
@@ -32,13 +39,41 @@ def ensure_chat_template(tokenizer) -> None:
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
 
 
+def plain_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of user text, special-token strings in it encoded as the ordinary text they are."""
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+
+
+class _Placeholders:
+    """Messages whose contents are replaced by placeholders, and the ids of a rendering of them."""
+
+    def __init__(self, messages: list[dict]):
+        nonce = secrets.token_hex(8)  # a user cannot write a placeholder into their message
+        self.keys = [f"\x00{nonce}:{i}\x00" for i in range(len(messages))]
+        self.messages = [{**m, "content": key} for m, key in zip(messages, self.keys)]
+        self.contents = {key: m["content"] for m, key in zip(messages, self.keys)}
+        self.pattern = re.compile("(" + re.escape(f"\x00{nonce}:") + r"\d+\x00)")
+
+    def ids(self, tokenizer, texts: list[str]) -> list[list[int]]:
+        """Ids of each rendered text: the template's text with its special tokens, contents as plain
+        text (each tokenizer call batched, so a long dialogue costs one pass)."""
+        parts = [[p for p in self.pattern.split(text) if p] for text in texts]
+        template = [p for ps in parts for p in ps if p not in self.contents]
+        content = [self.contents[p] for ps in parts for p in ps if p in self.contents]
+        encoded = iter(tokenizer(template, add_special_tokens=False, verbose=False)["input_ids"] if template else [])
+        plain = iter(plain_ids(tokenizer, content))
+        return [[t for p in ps for t in (next(plain) if p in self.contents else next(encoded))] for ps in parts]
+
+
 def _render(tokenizer, messages, generation_prompt=False) -> str:
     if not messages:
         return ""
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def segment_texts(tokenizer, messages: list[dict]) -> list[tuple[str, int, bool]]:
+def _segment_texts(tokenizer, messages: list[dict]) -> list[tuple[str, int, bool]]:
     """(text, message index, is assistant body) pieces whose concatenation is the full rendering."""
     pieces, done = [], ""
     for i, message in enumerate(messages):
@@ -57,8 +92,9 @@ def segment_texts(tokenizer, messages: list[dict]) -> list[tuple[str, int, bool]
 
 
 def segments(tokenizer, messages: list[dict]) -> list[Segment]:
-    pieces = segment_texts(tokenizer, messages)
-    ids = tokenizer([p[0] for p in pieces], add_special_tokens=False, verbose=False)["input_ids"] if pieces else []
+    placeholders = _Placeholders(messages)
+    pieces = _segment_texts(tokenizer, placeholders.messages)
+    ids = placeholders.ids(tokenizer, [p[0] for p in pieces])
     return [Segment(i, m, t, messages[m]["role"]) for i, (_, m, t) in zip(ids, pieces)]
 
 
@@ -114,9 +150,16 @@ def encode_dialogue(tokenizer, messages: list[dict], max_source_length: int, max
 
 
 def encode_prompt(tokenizer, context: list[dict], max_source_length: int) -> list[int]:
-    """Ids of `context` plus the assistant header, truncated from the oldest turn."""
+    """Ids of `context` plus the assistant header, truncated from the oldest turn. A prompt that
+    fits is rendered once (linear in the number of messages); only one that must be cut is split
+    into turns (which takes a rendering per turn)."""
+    placeholders = _Placeholders(context)
+    whole = _render(tokenizer, placeholders.messages, generation_prompt=True)
+    (ids,) = placeholders.ids(tokenizer, [whole])
+    if len(ids) <= max_source_length:
+        return ids
     segs = segments(tokenizer, context)
-    header = _render(tokenizer, context, generation_prompt=True)[len(_render(tokenizer, context)):]
+    header = whole[len(_render(tokenizer, placeholders.messages)):]
     header_ids = tokenizer(header, add_special_tokens=False, verbose=False)["input_ids"] if header else []
     segs = _truncate_source(segs + [Segment(header_ids, len(context), False, "assistant")], max_source_length)
     return [t for s in segs for t in s.ids]
@@ -132,10 +175,10 @@ def _separator(tokenizer) -> str:
 
 def _source_segments(tokenizer, context: list[dict]) -> list[Segment]:
     """Each context turn's ids, a separator after every turn but the last."""
-    sep = _separator(tokenizer)
-    texts = [m["content"] + (sep if i < len(context) - 1 else "") for i, m in enumerate(context)]
-    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
-    return [Segment(turn, i, False, m["role"]) for i, (turn, m) in enumerate(zip(ids, context))]
+    sep = tokenizer(_separator(tokenizer), add_special_tokens=False, verbose=False)["input_ids"]
+    ids = plain_ids(tokenizer, [m["content"] for m in context])
+    return [Segment(turn + (sep if i < len(context) - 1 else []), i, False, m["role"])
+            for i, (turn, m) in enumerate(zip(ids, context))]
 
 
 def _cut_source(segs: list[Segment], max_source_length: int) -> list[int]:
@@ -157,7 +200,7 @@ def encode_source_target(tokenizer, messages: list[dict], max_source_length: int
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None:
         raise HuayuError("a dialogue has no assistant turn to learn")
-    reply = tokenizer(messages[last]["content"], add_special_tokens=False, verbose=False)["input_ids"]
+    (reply,) = plain_ids(tokenizer, [messages[last]["content"]])
     limit = max_length if max_length is not None else max_source_length + max_target_length
     target = reply[:max(min(max_target_length, limit) - 1, 0)] + [tokenizer.eos_token_id]
     segs = _source_segments(tokenizer, messages[:last])
@@ -189,7 +232,7 @@ def encode_blank_dialogue(tokenizer, messages: list[dict], max_source_length: in
     if last is None:
         raise HuayuError("a dialogue has no assistant turn to learn")
     _, _, eop = _glm_ids(tokenizer)
-    reply = tokenizer(messages[last]["content"], add_special_tokens=False, verbose=False)["input_ids"]
+    (reply,) = plain_ids(tokenizer, [messages[last]["content"]])
     limit = max_length if max_length is not None else max_source_length + max_target_length
     span = reply[:max(min(max_target_length, limit) - 1, 0)]
     prompt = encode_blank_prompt(tokenizer, messages[:last], min(max_source_length, limit - len(span)))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from huayu.data.chat import plain_ids
 from huayu.errors import DataError, HuayuError
 
 HEADERS = ("auto", "yes", "no")
@@ -124,8 +125,7 @@ def boundary_ids(tokenizer) -> tuple[int, int]:
 def encode_texts(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     """`[CLS] text [SEP]` ids of every text, the text truncated to fit `max_length` tokens."""
     cls, sep = boundary_ids(tokenizer)
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [[cls, *ids[:max_length - 2], sep] for ids in encoded]
+    return [[cls, *ids[:max_length - 2], sep] for ids in plain_ids(tokenizer, texts)]
 
 
 def label_vocabulary(labels: list[str]) -> list[str]:

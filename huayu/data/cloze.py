@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from huayu.data.batching import IGNORE
+from huayu.data.chat import plain_ids
 from huayu.errors import HuayuError
 
 DEFAULT_PATTERN = "{text}。总之，真是[MASK]。"
@@ -107,7 +108,7 @@ class ClozeEncoder:
         return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
     def encode(self, texts: list[str], labels: list[int] | None = None) -> list[ClozeExample]:
-        encoded = self.tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"] if texts else []
+        encoded = plain_ids(self.tokenizer, list(texts))  # a text's "[MASK]" is not the blank
         examples = []
         for i, text_ids in enumerate(encoded):
             part_a = np.asarray(self.prefix + text_ids[:self.room] + self.suffix, dtype=np.int64)

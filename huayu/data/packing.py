@@ -8,17 +8,18 @@ the source tokens masked out of the loss so only the target is learned.
 from __future__ import annotations
 
 from huayu.data.batching import IGNORE, Example
+from huayu.data.chat import plain_ids
 from huayu.data.formats import TextRecord
 
 
 def tokenize_records(tokenizer, records: list[TextRecord], batch: int = 1000):
-    """Yield (ids, labels) per record, each ending in EOS; sources of src/tgt pairs carry no loss."""
+    """Yield (ids, labels) per record, each ending in EOS; sources of src/tgt pairs carry no loss.
+    A document's text is plain text: "</s>" in it is not the end of a document."""
     eos = tokenizer.eos_token_id
     for start in range(0, len(records), batch):
         chunk = records[start:start + batch]
-        texts = tokenizer([r.text for r in chunk], add_special_tokens=False, verbose=False)["input_ids"]
-        targets = [r.target for r in chunk if r.target is not None]
-        target_ids = iter(tokenizer(targets, add_special_tokens=False, verbose=False)["input_ids"] if targets else [])
+        texts = plain_ids(tokenizer, [r.text for r in chunk])
+        target_ids = iter(plain_ids(tokenizer, [r.target for r in chunk if r.target is not None]))
         for record, ids in zip(chunk, texts):
             if record.target is None:
                 yield ids + [eos], ids + [eos]
