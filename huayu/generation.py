@@ -246,9 +246,11 @@ class Generator:
         if len(text) > sent:
             yield text[sent:]
 
-    def encode_text(self, text: str) -> list[int]:
-        """The prompt that continues raw `text` (for GLM: the text, [gMASK], <sop>)."""
-        ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    def encode_text(self, text: str, parse_special_tokens: bool = False) -> list[int]:
+        """The prompt that continues raw `text` (for GLM: the text, [gMASK], <sop>); special-token
+        text in it (`</s>`) is plain text unless `parse_special_tokens`."""
+        ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=not parse_special_tokens,
+                             verbose=False)["input_ids"]
         return self.family.continuation_prompt(self.tokenizer, ids)
 
     def encode_chat(self, messages: list[dict], max_source_length: int | None = None) -> list[int]:

@@ -32,7 +32,7 @@ def server(lively_model_dir):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     proc = subprocess.Popen([sys.executable, "-m", "huayu.cli", "serve", lively_model_dir, "--port", str(port),
                              "--api-key", KEY, "--served-model-name", "tiny", "--max-batch-size", "2",
-                             "--max-queue", "1", "--log-level", "warning"],
+                             "--max-queue", "2", "--log-level", "warning"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
@@ -201,13 +201,13 @@ def test_full_queue_answers_503(server, client):
         except openai.APIStatusError as exc:
             results.append((exc.status_code, exc.body["code"], exc.body["type"]))
 
-    threads = [threading.Thread(target=call) for _ in range(4)]  # 2 run, 1 waits, 1 has no room
+    threads = [threading.Thread(target=call) for _ in range(5)]  # 2 run, 2 wait, 1 has no room
     for t in threads:
         t.start()
         time.sleep(0.05)
     for t in threads:
         t.join(timeout=60)
-    assert sorted(results, key=str) == sorted([200, 200, 200, (503, "queue_full", "server_error")], key=str)
+    assert sorted(results, key=str) == sorted([200] * 4 + [(503, "queue_full", "server_error")], key=str)
 
 
 def test_client_disconnect_frees_its_slot(server):

@@ -5,6 +5,10 @@ running batch there, instead of waiting for the batch to finish; finished or can
 leave it at once, freeing their slot. The running batch shares one key/value cache, left-padded:
 each row has its own length, an attention mask hides its padding and position ids count its real
 tokens (the model family says how: GLM's are 2D), so every row computes what it would compute alone.
+
+A failure is confined to the requests it concerns: a failed forward pass fails the requests in it
+(a failed decode step, the running batch, whose cache is then gone), and a row whose sampling or
+text fails ends alone with an error event while its neighbours go on.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from huayu.serve.sampling import SamplingParams, choose_tokens
 
 
 class QueueFull(Exception):
-    """More requests are waiting than the engine was told to hold."""
+    """Admitting these requests would leave more waiting than the engine was told to hold."""
 
 
 @dataclass
@@ -44,6 +48,7 @@ class Request:
     text: str = ""
     sent: int = 0                       # characters of `text` already emitted
     finish_reason: str | None = None
+    error: str | None = None            # why it failed; it leaves the batch like a finished one
     cancelled: bool = False
     generator: torch.Generator | None = None
 
@@ -67,8 +72,8 @@ def _left_pad(kv, mask, width: int):
 
 
 class Engine:
-    """Admits requests into a running batch of at most `max_batch_size`; while `max_waiting`
-    wait for a slot, `submit` raises QueueFull."""
+    """Admits requests into a running batch of at most `max_batch_size`; `submit` raises QueueFull
+    rather than leave more than `max_waiting` waiting for a slot."""
 
     def __init__(self, model, tokenizer, eos_ids: list[int], max_positions: int,
                  max_batch_size: int = 16, max_waiting: int = 64, compile: bool = False):
@@ -82,26 +87,35 @@ class Engine:
         self.max_positions, self.max_batch_size, self.max_waiting = max_positions, max_batch_size, max_waiting
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.waiting: deque[Request] = deque()
+        self.admitting: list[Request] = []  # out of the queue, not yet in the batch: being prefilled
         self.running: list[Request] = []
         self.cache = None                   # the running batch's key/value cache
         self.room = 0                       # columns of the static cache, when compiled
         self.mask: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None   # each row's position ids of its last token
         self.wakeup = threading.Condition()
-        self.counters = dict(steps=0, generated_tokens=0, finished=0, cancelled=0, largest_batch=0)
+        self.counters = dict(steps=0, generated_tokens=0, finished=0, cancelled=0, failed=0, largest_batch=0)
         self._thread: threading.Thread | None = None
         self._stopping = False
 
     # -- the owner's side ---------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        """Requests held at most: running and waiting."""
+        return self.max_batch_size + self.max_waiting
+
     def submit(self, *requests: Request) -> None:
         """Queue `requests` (e.g. the n choices of one API call) together, or none of them when
-        `max_waiting` are already waiting."""
+        more than `max_waiting` would then wait for a slot."""
+        if any(not r.prompt for r in requests):
+            raise ValueError("a request needs a prompt of at least one token")
         with self.wakeup:
-            if len(self.waiting) >= self.max_waiting:
-                raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+            held = len(self.running) + len(self.admitting) + len(self.waiting)
+            if held + len(requests) > self.capacity:
+                raise QueueFull(f"{held} requests are running or waiting, of at most {self.capacity}")
             for r in requests:
-                if r.params.seed is not None:
-                    r.generator = torch.Generator().manual_seed(r.params.seed)
+                if r.params.seed is not None:  # any integer: torch takes 64 bits
+                    r.generator = torch.Generator().manual_seed(r.params.seed % 2 ** 64)
                 self.waiting.append(r)
             self.wakeup.notify()
 
@@ -136,20 +150,15 @@ class Engine:
                 self.waiting.remove(r)
                 self.counters["cancelled"] += 1
             free = self.max_batch_size - len(self.running)
-            admitted = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
-        if not admitted and not self.running:
+            self.admitting = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
+        if not self.admitting and not self.running:
             return False
-        try:
-            with torch.inference_mode():
-                if self.running:
-                    self._decode()
-                if admitted:
-                    self._prefill(admitted)
-        except Exception as exc:  # a failed forward fails the requests in it, not the server
-            for r in self.running + admitted:
-                r.emit(Event(error=f"generation failed: {type(exc).__name__}: {exc}"))
-            self.running, self.cache, self.mask, self.positions = [], None, None, None
-            return True
+        with torch.inference_mode():
+            if self.running and not self._guarded(self.running, self._decode):
+                self._retire()  # the whole batch failed: its cache goes with it
+            if self.admitting:
+                self._guarded(self.admitting, self._prefill)
+        self.admitting = []
         self.counters["steps"] += 1
         self.counters["largest_batch"] = max(self.counters["largest_batch"], len(self.running))
         self._retire()
@@ -165,6 +174,18 @@ class Engine:
         """Each layer's keys and values of the filled columns (a static cache has room beyond)."""
         width = self.mask.shape[1]
         return [(layer.keys[:, :, :width], layer.values[:, :, :width]) for layer in self.cache.layers]
+
+    def _guarded(self, rows: list[Request], work: Callable[[], None]) -> bool:
+        """Run `work`; if it raises, fail `rows` (they leave the batch at the next retire) and say so."""
+        try:
+            work()
+            return True
+        except Exception as exc:
+            for r in rows:
+                r.error = f"generation failed: {type(exc).__name__}: {exc}"
+                r.emit(Event(error=r.error))
+            self.counters["failed"] += len(rows)
+            return False
 
     def _decode(self) -> None:
         rows = self.running
@@ -198,7 +219,10 @@ class Engine:
         self.cache = cache
         return True
 
-    def _prefill(self, new: list[Request]) -> None:
+    def _prefill(self) -> None:
+        """Prefill the admitted requests and join them to the batch; the batch is changed only once
+        all is computed, so that a failure here leaves the running requests as they were."""
+        new = self.admitting
         width = max(len(r.prompt) for r in new)
         ids = torch.tensor([[self.pad_id] * (width - len(r.prompt)) + r.prompt for r in new])
         mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in new])
@@ -206,28 +230,35 @@ class Engine:
         cache = growing_cache()
         logits = self._forward(ids, mask, positions, cache)
         last = positions[..., -1:]
-        self.positions = last if self.positions is None else torch.cat([self.positions, last])
-        if self.cache is None:
-            self.cache, self.mask = cache, mask
-        else:
+        if self.cache is not None:
             width = max(self.mask.shape[1], mask.shape[1])
             (old_kv, old_mask) = _left_pad(self._kv(), self.mask, width)
             new_kv, mask = _left_pad([(layer.keys, layer.values) for layer in cache.layers], mask, width)
-            self.cache = growing_cache([(torch.cat([k0, k1]), torch.cat([v0, v1]))
-                                     for (k0, v0), (k1, v1) in zip(old_kv, new_kv)])
-            self.mask = torch.cat([old_mask, mask])
-        self.running = self.running + new
+            cache = growing_cache([(torch.cat([k0, k1]), torch.cat([v0, v1]))
+                                   for (k0, v0), (k1, v1) in zip(old_kv, new_kv)])
+            mask, last = torch.cat([old_mask, mask]), torch.cat([self.positions, last])
+        self.cache, self.mask, self.positions, self.running = cache, mask, last, self.running + new
         self._advance(new, logits)
 
+    def _choose(self, rows: list[Request], logits: torch.Tensor) -> list[int]:
+        return choose_tokens(logits, [r.params for r in rows], [r.generator for r in rows],
+                             [r.prompt + r.out for r in rows], [r.out for r in rows], self.eos_ids)
+
     def _advance(self, rows: list[Request], logits: torch.Tensor) -> None:
-        tokens = choose_tokens(logits, [r.params for r in rows], [r.generator for r in rows],
-                               [r.prompt + r.out for r in rows], [r.out for r in rows], self.eos_ids)
-        for r, token in zip(rows, tokens):
-            self._append(r, token)
-        self.counters["generated_tokens"] += len(rows)
+        """Each row's next token, chosen for all rows at once; when that fails, row by row, so that
+        only the rows at fault fail."""
+        try:
+            tokens = self._choose(rows, logits)
+        except Exception:
+            for i, r in enumerate(rows):
+                self._guarded([r], lambda: self._append(r, self._choose([r], logits[i:i + 1])[0]))
+        else:
+            for r, token in zip(rows, tokens):
+                self._guarded([r], lambda: self._append(r, token))
 
     def _append(self, r: Request, token: int) -> None:
         r.out.append(token)
+        self.counters["generated_tokens"] += 1
         p = r.params
         if token in self.eos_ids and not p.ignore_eos:
             r.finish_reason = "stop"
@@ -245,11 +276,13 @@ class Engine:
 
     def _retire(self, cancelled_too: bool = False) -> None:
         """Drop finished (and cancelled) rows from the batch and its cache; trim shared padding."""
-        gone = [i for i, r in enumerate(self.running) if r.finish_reason or (cancelled_too and r.cancelled)]
+        gone = [i for i, r in enumerate(self.running)
+                if r.finish_reason or r.error or (cancelled_too and r.cancelled)]
         if not gone:
             return
         for i in gone:
-            self.counters["finished" if self.running[i].finish_reason else "cancelled"] += 1
+            if not self.running[i].error:  # failures are counted as they happen
+                self.counters["finished" if self.running[i].finish_reason else "cancelled"] += 1
         keep = [i for i in range(len(self.running)) if i not in set(gone)]
         self.running = [self.running[i] for i in keep]
         if not keep:

@@ -3,14 +3,16 @@
 Requests are validated strictly, as OpenAI does: an unknown field, a role other than system /
 developer / user / assistant, empty messages or an out-of-range parameter is a 400 whose body names
 the field (`{"error": {"message", "type", "param", "code"}}`). Parameters OpenAI has but huayu does
-not implement (tools, logprobs, ...) are refused by name rather than ignored.
+not implement (tools, logprobs, ...) are refused by name rather than ignored. Every sampling
+parameter is bounded so that no value that passes here can fail the batch it decodes in.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from huayu.serve.sampling import SamplingParams
@@ -39,9 +41,15 @@ def validation_error(errors: list[dict]) -> APIError:
     if e["type"] == "unsupported_parameter":
         param = e["ctx"]["param"]
         return APIError(400, f"'{param}' is not supported by huayu serve", param=param, code="unsupported_parameter")
+    if e["type"] == "not_unicode":
+        param = e["ctx"]["param"]
+        return APIError(400, f"{param}: holds half a UTF-16 surrogate pair (such as \\ud800), which is not text",
+                        param=param, code="invalid_value")
     if e["type"] == "extra_forbidden":
         return APIError(400, f"Unrecognized request argument supplied: {param}", param=param,
                         code="unknown_parameter")
+    if e["type"] == "missing" and not loc:
+        return APIError(400, "the request body is empty; it must be a JSON object", code="invalid_json")
     if e["type"] == "missing":
         return APIError(400, f"Missing required parameter: '{param}'", param=param, code="missing_required_parameter")
     if e["type"] == "literal_error" and loc[-1:] == ["role"]:
@@ -78,6 +86,8 @@ UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias
                "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
                "response_format": (None, {"type": "text"}), "best_of": (None, 1), "echo": (None, False),
                "suffix": (None, "")}
+# a stop string is looked for in the text after every token: a long one would slow the whole batch
+MAX_STOP_CHARS = 256
 
 
 class Decoding(Strict):
@@ -88,15 +98,15 @@ class Decoding(Strict):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=8)
-    stop: str | list[str] | None = Field(None, max_length=4)
+    stop: str | list[str] | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2 ** 63, lt=2 ** 63)   # OpenAI's int64
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    top_k: int = Field(0, ge=0)
-    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    top_k: int = Field(0, ge=0)                                # beyond the vocabulary: all of it
+    repetition_penalty: float = Field(1.0, ge=0.01, le=10)    # logits * or / 100 at most: finite
     ignore_eos: bool = False
 
     @model_validator(mode="before")
@@ -110,6 +120,28 @@ class Decoding(Strict):
                                               {"param": name})
             body = {k: v for k, v in body.items() if k not in UNSUPPORTED}
         return body
+
+    @model_validator(mode="before")
+    @classmethod
+    def refuse_surrogates(cls, body):
+        """JSON may escape half a surrogate pair ("\\ud800"), which no tokenizer or reply can encode."""
+        for name, value in body.items() if isinstance(body, dict) else ():
+            try:
+                json.dumps(value, ensure_ascii=False).encode()
+            except UnicodeEncodeError:
+                raise PydanticCustomError("not_unicode", "{param} is not valid text", {"param": name}) from None
+        return body
+
+    @field_validator("stop")
+    @classmethod
+    def few_short_stops(cls, stop):
+        """Up to 4 stop strings, as OpenAI takes, each of at most MAX_STOP_CHARS."""
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > 4:
+            raise ValueError(f"at most 4 stop strings, not {len(stops)}")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop string has at most {MAX_STOP_CHARS} characters")
+        return stop
 
     def sampling(self, max_tokens: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -11,13 +11,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+# below it, sampling is greedy in all but name, and logits / temperature could overflow float32
+MIN_TEMPERATURE = 1e-5
+
 
 @dataclass
 class SamplingParams:
     max_tokens: int = 64
-    temperature: float = 1.0            # 0: greedy
+    temperature: float = 1.0            # 0 (or below MIN_TEMPERATURE): greedy
     top_p: float = 1.0
-    top_k: int = 0                      # 0: off
+    top_k: int = 0                      # 0 (or the vocabulary size or more): off
     repetition_penalty: float = 1.0     # transformers' definition, over prompt and output
     frequency_penalty: float = 0.0      # OpenAI's definitions, over the output
     presence_penalty: float = 0.0
@@ -27,7 +30,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE
 
     @property
     def penalised(self) -> bool:
@@ -62,8 +65,9 @@ def _filter_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> t
     probs = ordered.softmax(-1)
     before = probs.cumsum(-1) - probs               # mass of the tokens ranked above each one
     drop = before > _column([p.top_p for p in params])
-    k = _column([p.top_k or logits.shape[-1] for p in params], torch.long)
-    drop |= torch.arange(logits.shape[-1]).unsqueeze(0) >= k
+    vocab = logits.shape[-1]
+    k = _column([min(p.top_k, vocab) or vocab for p in params], torch.long)
+    drop |= torch.arange(vocab).unsqueeze(0) >= k
     return ordered.masked_fill(drop, float("-inf")), ids
 
 
@@ -82,6 +86,8 @@ def choose_tokens(logits: torch.Tensor, params: list[SamplingParams], generators
         scaled = logits[sampled] / _column([p.temperature for p in sub])
         ordered, ids = _filter_top_k_top_p(scaled, sub)
         probs = ordered.softmax(-1)
+        if not torch.isfinite(probs).all():  # raised before any row draws: retried alone, a seeded row draws once
+            raise ValueError("these sampling parameters make the probabilities inf or nan")
         for row, i in enumerate(sampled):
             pick = torch.multinomial(probs[row], 1, generator=generators[i])
             chosen[i] = int(ids[row, pick])

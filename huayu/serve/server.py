@@ -2,7 +2,9 @@
 
 Endpoints: POST /v1/chat/completions and /v1/completions (streamed as server-sent events ending in
 `data: [DONE]`, or whole), GET /v1/models and /health. Every error is OpenAI's JSON shape. A
-streaming client that disconnects cancels its request, which leaves the batch at the next step.
+client that disconnects, streaming or not, cancels its requests, which leave the batch at the next
+step. Prompts are rendered and tokenized off the event loop, and request bodies are bounded before
+they are read, so that no request holds up the others (or /health).
 """
 
 from __future__ import annotations
@@ -10,16 +12,20 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import os
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from fastapi import Request as HTTPRequest  # at module level: FastAPI resolves annotations here
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 
 from huayu.config import add_config_arguments, config_from_args, field_doc
 from huayu.errors import HuayuError
-from huayu.serve.engine import Engine, QueueFull, Request
+from huayu.serve.engine import Engine, Event, QueueFull, Request
 from huayu.serve.protocol import APIError, ChatRequest, CompletionRequest, Decoding, validation_error
 
 
@@ -39,18 +45,38 @@ class ServeConfig:
     served_model_name: str | None = field_doc("the model id clients pass (default: MODEL's directory name)",
                                               default=None)
     max_batch_size: int = field_doc("requests decoded together at most", default=16)
-    max_queue: int = field_doc("requests waiting for a batch slot at most; beyond it: 503", default=64)
+    max_queue: int = field_doc("requests (each of n choices counts) waiting for a batch slot at most; beyond "
+                               "it: 503", default=64)
     default_max_tokens: int = field_doc("max_tokens of a request that gives none (capped by the context)",
                                         default=512)
+    max_request_bytes: int = field_doc("request bodies larger than this are refused (413) before they are read",
+                                       default=4 * 2 ** 20)
+    max_messages: int = field_doc("chat requests with more messages than this are refused (400)", default=256)
+    special_tokens_in_prompts: bool = field_doc("completions: let special-token text in a prompt (e.g. </s>, "
+                                                "<|im_start|>) become control tokens; off: encoded as plain text",
+                                                default=False)
+    threads: int | None = field_doc("torch threads; default: the CPUs this process may use (its affinity, "
+                                    "within a container's CPU quota)", default=None)
     log_level: str = field_doc("uvicorn log level", default="info")
+
+
+def available_cpus() -> int:
+    """The CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (a container's
+    --cpus), which os.cpu_count() and torch's default both ignore."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        cpus = min(cpus, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):  # no cgroup v2, or no quota ("max")
+        pass
+    return cpus
 
 
 class Service:
     """The loaded model behind the endpoints: prompt encoding, limits, and running requests."""
 
-    def __init__(self, generator, engine: Engine, name: str, default_max_tokens: int):
-        self.generator, self.engine, self.name = generator, engine, name
-        self.default_max_tokens = default_max_tokens
+    def __init__(self, generator, engine: Engine, name: str, cfg: ServeConfig):
+        self.generator, self.engine, self.name, self.cfg = generator, engine, name, cfg
 
     def check_model(self, body: Decoding) -> None:
         if body.model != self.name:
@@ -58,14 +84,23 @@ class Service:
                            param="model", code="model_not_found")
 
     def encode_chat(self, body: ChatRequest) -> list[int]:
+        if len(body.messages) > self.cfg.max_messages:
+            raise APIError(400, f"messages: {len(body.messages)} messages, more than this server takes "
+                           f"({self.cfg.max_messages})", param="messages", code="invalid_value")
         try:
             return self.generator.encode_chat(body.messages_for_template(), max_source_length=10 ** 9)
         except Exception as exc:  # the model's own Jinja template refusing these messages
             raise APIError(400, f"messages: the model's chat template cannot render them: {exc}", param="messages",
                            code="invalid_value") from None
 
+    def encode_prompts(self, body: CompletionRequest) -> list[list[int]]:
+        return [self.generator.encode_text(p, parse_special_tokens=self.cfg.special_tokens_in_prompts)
+                for p in body.prompts()]
+
     def max_tokens(self, prompt: list[int], requested: int | None, param: str) -> int:
         context, used = self.engine.max_positions, len(prompt)
+        if not prompt:
+            raise APIError(400, f"{param}: the prompt is empty", param=param, code="invalid_value")
         if used >= context:
             raise APIError(400, f"This model's maximum context length is {context} tokens; the prompt has {used}",
                            param=param, code="context_length_exceeded")
@@ -73,10 +108,13 @@ class Service:
             raise APIError(400, f"This model's maximum context length is {context} tokens; the prompt has {used} "
                            f"and max_tokens asks for {requested} more", param="max_tokens",
                            code="context_length_exceeded")
-        return requested if requested is not None else min(self.default_max_tokens, context - used)
+        return requested if requested is not None else min(self.cfg.default_max_tokens, context - used)
 
     def start(self, prompts: list[list[int]], body: Decoding, max_tokens: list[int]):
         """Submit every choice (each prompt n times); (queue of (choice, Event), requests)."""
+        if len(prompts) * body.n > self.engine.capacity:
+            raise APIError(400, f"n: {len(prompts) * body.n} choices (n × prompts), more than this server holds at "
+                           f"once ({self.engine.capacity})", param="n", code="invalid_value")
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         requests = []
         for p, (prompt, limit) in enumerate(zip(prompts, max_tokens)):
@@ -164,35 +202,81 @@ async def stream_events(reply: Reply, queue, requests, prompts, include_usage: b
             r.cancel()
 
 
+# what `collect` finds in its queue once the client is gone
+DISCONNECTED = Event(error="client disconnected")
+
+
+async def report_disconnect(http_request, queue) -> None:
+    """Put DISCONNECTED in `queue` when the client goes: once the body is read, the server's
+    `receive` answers only that (or the end of the response, when this is cancelled anyway)."""
+    while (await http_request.receive())["type"] != "http.disconnect":
+        pass
+    queue.put_nowait((None, DISCONNECTED))
+
+
 async def collect(http_request, queue, requests) -> None:
-    """Wait for every choice to finish; a client that disconnects meanwhile cancels them."""
-    done = 0
-    while done < len(requests):
-        try:
-            _, event = await asyncio.wait_for(queue.get(), timeout=0.5)
-        except asyncio.TimeoutError:
-            if await http_request.is_disconnected():
-                for r in requests:
-                    r.cancel()
-                raise APIError(499, "client disconnected") from None
-            continue
-        if event.error:
-            raise APIError(500, event.error, type="server_error")
-        done += bool(event.finish_reason)
+    """Wait for every choice to finish; however this ends (a client gone included), the unfinished
+    requests are cancelled."""
+    watcher = asyncio.create_task(report_disconnect(http_request, queue))
+    try:
+        done = 0
+        while done < len(requests):
+            _, event = await queue.get()
+            if event is DISCONNECTED:
+                raise APIError(499, event.error)
+            if event.error:
+                raise APIError(500, event.error, type="server_error")
+            done += bool(event.finish_reason)
+    finally:
+        watcher.cancel()
+        for r in requests:
+            r.cancel()
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from `receive`: FastAPI passes an HTTPException on from reading the body (anything
+    else becomes a 400), to the handler that answers it in OpenAI's shape."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request body is larger than this server takes ({limit} bytes)")
+
+
+def limit_body(app, limit: int):
+    """ASGI middleware refusing a body over `limit` bytes before it is read: at once by its
+    Content-Length, or as a chunked body's pieces add up."""
+    async def limited(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        declared, received = Headers(scope=scope).get("content-length", ""), 0
+
+        async def receive_within_limit():
+            nonlocal received
+            if declared.isdigit() and int(declared) > limit:
+                raise BodyTooLarge(limit)
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise BodyTooLarge(limit)
+            return message
+
+        await app(scope, receive_within_limit, send)
+    return limited
 
 
 def create_app(service: Service, api_key: str | None = None):
     from fastapi import Depends, FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.exceptions import HTTPException
 
     async def lifespan(app):
         service.engine.start()
         yield
         service.engine.stop()
 
-    app = FastAPI(title="huayu serve", lifespan=lifespan)
+    # with an API key, the schema pages (a map of every endpoint) are off rather than open to all
+    pages = {"docs_url": None, "redoc_url": None, "openapi_url": None} if api_key else {}
+    app = FastAPI(title="huayu serve", lifespan=lifespan, **pages)
+    app.add_middleware(limit_body, limit=service.cfg.max_request_bytes)
 
     @app.exception_handler(APIError)
     async def api_error(_, exc: APIError):
@@ -205,6 +289,11 @@ def create_app(service: Service, api_key: str | None = None):
     @app.exception_handler(HTTPException)
     async def http_error(_, exc: HTTPException):
         return await api_error(_, APIError(exc.status_code, str(exc.detail)))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_, exc: Exception):
+        """A bug, still answered in OpenAI's shape (uvicorn logs its traceback)."""
+        return await api_error(_, APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
 
     def authorize(http_request: HTTPRequest) -> None:
         if api_key is None:
@@ -228,7 +317,7 @@ def create_app(service: Service, api_key: str | None = None):
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(body: ChatRequest, http_request: HTTPRequest):
         service.check_model(body)
-        prompt = service.encode_chat(body)
+        prompt = await asyncio.to_thread(service.encode_chat, body)
         limit = service.max_tokens(prompt, body.max_completion_tokens or body.max_tokens, "messages")
         # n choices of one prompt: the prompt counts once in usage
         return await respond(http_request, body, Reply(True, service.name), [prompt], [limit])
@@ -236,7 +325,7 @@ def create_app(service: Service, api_key: str | None = None):
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(body: CompletionRequest, http_request: HTTPRequest):
         service.check_model(body)
-        prompts = [service.generator.encode_text(p) for p in body.prompts()]
+        prompts = await asyncio.to_thread(service.encode_prompts, body)
         limits = [service.max_tokens(p, body.max_tokens, "prompt") for p in prompts]
         return await respond(http_request, body, Reply(False, service.name), prompts, limits)
 
@@ -255,8 +344,12 @@ def create_app(service: Service, api_key: str | None = None):
 def build_service(cfg: ServeConfig) -> Service:
     from huayu.generation import Generator
 
-    if cfg.max_batch_size < 1 or cfg.max_queue < 0 or cfg.default_max_tokens < 1:
-        raise HuayuError("--max-batch-size and --default-max-tokens must be at least 1, --max-queue at least 0")
+    least = dict(max_batch_size=1, default_max_tokens=1, max_request_bytes=1, max_messages=1, threads=1, max_queue=0)
+    wrong = [f"--{name.replace('_', '-')} must be at least {n}" for name, n in least.items()
+             if getattr(cfg, name) is not None and getattr(cfg, name) < n]
+    if wrong:
+        raise HuayuError("; ".join(wrong))
+    torch.set_num_threads(cfg.threads or available_cpus())
     gen = Generator.load(cfg.model, adapter=cfg.adapter, quantization=cfg.quantization)
     if gen.model.config.is_encoder_decoder:
         raise HuayuError(f"'{cfg.model}' is an encoder-decoder model, which huayu serve does not batch yet")
@@ -272,7 +365,7 @@ def build_service(cfg: ServeConfig) -> Service:
     engine = Engine(model, gen.tokenizer, gen.eos_ids, gen.max_positions, cfg.max_batch_size, cfg.max_queue,
                     compile=cfg.compile)
     name = cfg.served_model_name or Path(cfg.adapter or cfg.model).resolve().name
-    return Service(gen, engine, name, cfg.default_max_tokens)
+    return Service(gen, engine, name, cfg)
 
 
 def add_arguments(parser) -> None:
@@ -288,5 +381,6 @@ def run(args) -> None:
     cfg.model = model_or_bundled(cfg.model)
     service = build_service(cfg)
     print(f"huayu serve: '{service.name}' at http://{cfg.host}:{cfg.port}/v1 (OpenAI-compatible; batch <= "
-          f"{cfg.max_batch_size}, queue <= {cfg.max_queue}{', API key required' if cfg.api_key else ''})", flush=True)
+          f"{cfg.max_batch_size}, queue <= {cfg.max_queue}, {torch.get_num_threads()} torch threads"
+          f"{', API key required' if cfg.api_key else ''})", flush=True)
     uvicorn.run(create_app(service, cfg.api_key), host=cfg.host, port=cfg.port, log_level=cfg.log_level)
