@@ -8,7 +8,6 @@ directory serves both backends and either can check the other. Texts are encoded
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -21,6 +20,8 @@ from huayu.data.classification import (HEADERS, ClassificationExample, Logits, c
                                        classification_collate, encode_texts, predict_probabilities, read_labelled,
                                        text_examples, torch_logits, write_predictions)
 from huayu.errors import HuayuError
+from huayu.export import OUT_HELP
+from huayu.outputs import OVERWRITE_HELP, check_output_dir, install_output
 
 ONNX_FILE = "model.onnx"
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -56,9 +57,13 @@ def load_classifier(model_dir: str):
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
+    from huayu.models.loading import check_safe_weights, pickle_weights_allowed
+
     classifier_config(model_dir)
+    check_safe_weights(model_dir)
     hf_logging.disable_progress_bar()  # a bar for loading a few MB of weights is noise
-    return AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return AutoModelForSequenceClassification.from_pretrained(
+        model_dir, dtype=torch.float32, use_safetensors=None if pickle_weights_allowed() else True).eval()
 
 
 def onnx_logits(path: Path) -> Logits:
@@ -95,7 +100,8 @@ def usable_length(config, max_length: int | None) -> int:
 class OnnxConfig:
     model: str = field_doc("text classifier directory (e.g. the output of huayu finetune-cls)", positional=True,
                            default=None)
-    out: str = field_doc("output directory (must not exist, or be empty)", default=None)
+    out: str = field_doc(OUT_HELP, default=None)
+    overwrite: bool = field_doc(OVERWRITE_HELP, default=False)
     opset: int = field_doc("ONNX opset version", default=18)
     max_length: int | None = field_doc("longest input (tokens) of the PyTorch parity check "
                                        "(default and at most: the model's max_position_embeddings)", default=None)
@@ -142,15 +148,14 @@ def parity_batch(tokenizer, max_length: int) -> dict:
 def check_onnx(cfg: OnnxConfig) -> None:
     if not (cfg.model and cfg.out):
         raise HuayuError("usage: huayu export onnx MODEL --out DIR")
-    if Path(cfg.out).exists() and (not Path(cfg.out).is_dir() or any(Path(cfg.out).iterdir())):
-        raise HuayuError(f"--out '{cfg.out}' exists and is not empty: choose another directory")
+    check_output_dir(cfg.out, "export onnx", cfg.overwrite)
     classifier_config(cfg.model)
 
 
 def export_onnx(cfg: OnnxConfig) -> tuple[Path, float]:
     """Write model.onnx, config, weights and tokenizer into cfg.out; return (cfg.out, the max |logit
-    difference| from PyTorch). Built under a temporary name and renamed only once the logits agree, so
-    a failed or interrupted export leaves nothing behind."""
+    difference| from PyTorch). Built under a temporary name and installed (huayu.outputs) only once the
+    logits agree, so a failed or interrupted export leaves nothing behind."""
     from huayu.models.loading import load_tokenizer
 
     check_onnx(cfg)
@@ -167,7 +172,7 @@ def export_onnx(cfg: OnnxConfig) -> tuple[Path, float]:
         if not diff <= TOLERANCE:  # also catches NaN
             raise HuayuError(f"the ONNX model's logits differ from PyTorch's by up to {diff:.2e} (more than "
                              f"{TOLERANCE:g}): the export is wrong, so nothing was written")
-        os.replace(tmp, out)
+        install_output(tmp, out, "export onnx")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out, diff

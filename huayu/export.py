@@ -10,12 +10,16 @@ Resharding is the modern form of EVA's `change_mp.py`: instead of re-cutting ten
 parallel degree, the weights are written as shards of at most `--max-shard-size` with transformers'
 `model.safetensors.index.json`, which every loader (huayu's stages, plain transformers, accelerate's
 big-model loading) reads shard by shard. The dtype is kept.
+
+Each command writes its --out by huayu.outputs' rule: a new or empty directory, or its own earlier
+output (replaced once the new one is complete); anything else only with --overwrite.
 """
 
 from __future__ import annotations
 
-import os
+import json
 import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +28,10 @@ import yaml
 from huayu.config import add_config_arguments, config_from_args, field_doc
 from huayu.data.templates import TEMPLATE_RECORD
 from huayu.errors import HuayuError
+from huayu.outputs import OUTPUT_RECORD, OVERWRITE_HELP, check_output_dir, install_output
 
 EXPORT_FILE = "huayu_export.yaml"
+OUT_HELP = "output directory: new, empty, or an earlier output of this command (replaced)"
 
 
 @dataclass
@@ -33,7 +39,8 @@ class MergeConfig:
     base: str = field_doc("base model directory the adapter was trained on", positional=True, default=None)
     adapter: str = field_doc("LoRA adapter directory (e.g. the output of huayu sft --finetuning-type lora)",
                              positional=True, default=None)
-    out: str = field_doc("output directory (must not exist, or be empty)", default=None)
+    out: str = field_doc(OUT_HELP, default=None)
+    overwrite: bool = field_doc(OVERWRITE_HELP, default=False)
 
 
 def check(cfg: MergeConfig) -> None:
@@ -45,13 +52,20 @@ def check(cfg: MergeConfig) -> None:
     if peft_type != "LORA":
         raise HuayuError(f"'{cfg.adapter}' is a {peft_type} adapter, which cannot be merged: only LoRA adds weight "
                          f"deltas; use it as is (huayu chat {cfg.base} --adapter {cfg.adapter})")
-    if Path(cfg.out).exists() and any(Path(cfg.out).iterdir()):
-        raise HuayuError(f"--out '{cfg.out}' exists and is not empty: choose another directory")
+    _check_out(cfg, "export merge", cfg.base, cfg.adapter)
+
+
+def _check_out(cfg: MergeConfig | ReshardConfig | QuantizeConfig, command: str, *inputs: str) -> None:
+    """The output rule (huayu.outputs) for cfg.out, which must not be one of the command's inputs
+    either: with --overwrite that would mix the new model's files into the old one's."""
+    if any(Path(cfg.out).resolve() == Path(path).resolve() for path in inputs):
+        raise HuayuError(f"--out '{cfg.out}' is an input of `huayu {command}`: choose another directory")
+    check_output_dir(cfg.out, command, cfg.overwrite)
 
 
 def merge(cfg: MergeConfig) -> Path:
     """Write base + adapter as one plain model into cfg.out: built under a temporary name, then
-    renamed, so an interrupted export never leaves a half-written model."""
+    installed, so an interrupted export never leaves a half-written model."""
     from huayu.models.loading import load_for_inference
 
     check(cfg)
@@ -65,7 +79,7 @@ def merge(cfg: MergeConfig) -> Path:
         shutil.copy(Path(cfg.adapter) / TEMPLATE_RECORD, tmp / TEMPLATE_RECORD)
     record = {"base": str(Path(cfg.base).resolve()), "adapter": str(Path(cfg.adapter).resolve()), "method": "lora"}
     (tmp / EXPORT_FILE).write_text(yaml.safe_dump(record, allow_unicode=True, sort_keys=False), encoding="utf-8")
-    os.replace(tmp, out)
+    install_output(tmp, out, "export merge")
     return out
 
 
@@ -73,11 +87,12 @@ def merge(cfg: MergeConfig) -> Path:
 class ReshardConfig:
     model: str = field_doc("model directory (sharded or not)", positional=True, default=None)
     max_shard_size: str = field_doc("largest shard, e.g. 50MB, 2GB (transformers' units)", default="50MB")
-    out: str = field_doc("output directory (must not exist, or be empty)", default=None)
+    out: str = field_doc(OUT_HELP, default=None)
+    overwrite: bool = field_doc(OVERWRITE_HELP, default=False)
 
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+WEIGHT_FILES = (SAFETENSORS, SAFETENSORS_INDEX, "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def _is_weight_file(name: str) -> bool:
@@ -85,24 +100,23 @@ def _is_weight_file(name: str) -> bool:
         (name.startswith("pytorch_model-") and name.endswith(".bin"))
 
 
-def _check_model_out(model: str, out: str, usage: str) -> None:
+def _check_model_out(cfg: ReshardConfig | QuantizeConfig, command: str, usage: str) -> None:
     from huayu.models.loading import is_adapter_dir
 
-    if not (model and out):
-        raise HuayuError(f"usage: {usage}")
-    if is_adapter_dir(model):
-        raise HuayuError(f"'{model}' is an adapter: merge it into its base first (huayu export merge)")
-    if not Path(model, "config.json").exists():
-        raise HuayuError(f"'{model}' is not a model directory (it has no config.json)")
-    if Path(out).exists() and any(Path(out).iterdir()):
-        raise HuayuError(f"--out '{out}' exists and is not empty: choose another directory")
+    if not (cfg.model and cfg.out):
+        raise HuayuError(f"usage: huayu {command} {usage}")
+    if is_adapter_dir(cfg.model):
+        raise HuayuError(f"'{cfg.model}' is an adapter: merge it into its base first (huayu export merge)")
+    if not Path(cfg.model, "config.json").exists():
+        raise HuayuError(f"'{cfg.model}' is not a model directory (it has no config.json)")
+    _check_out(cfg, command, cfg.model)
 
 
-def _write_model_dir(source: str, out: str, tokenizer, write_weights, record: dict) -> Path:
+def _write_model_dir(source: str, out: str, command: str, tokenizer, write_weights, record: dict) -> Path:
     """`out` holding what write_weights(dir) writes, the tokenizer, every other file of `source`
-    (chat template record, cloze.json, configs) and the export record, completed by what
-    write_weights returns: built under a temporary name, then renamed, so an interrupted export
-    never leaves a half-written model."""
+    (chat template record, cloze.json, configs; not its output record) and the export record,
+    completed by what write_weights returns: built under a temporary name, then installed, so an
+    interrupted export never leaves a half-written model."""
     out = Path(out)
     tmp = out.parent / f".tmp-{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -110,11 +124,11 @@ def _write_model_dir(source: str, out: str, tokenizer, write_weights, record: di
     record = {"source": str(Path(source).resolve()), **record, **write_weights(tmp)}
     tokenizer.save_pretrained(tmp)
     for file in Path(source).iterdir():
-        if file.is_file() and not _is_weight_file(file.name) and not (tmp / file.name).exists():
+        if file.is_file() and not _is_weight_file(file.name) and file.name != OUTPUT_RECORD \
+                and not (tmp / file.name).exists():
             shutil.copy(file, tmp / file.name)
     (tmp / EXPORT_FILE).write_text(yaml.safe_dump(record, allow_unicode=True, sort_keys=False), encoding="utf-8")
-    shutil.rmtree(out, ignore_errors=True)  # empty, checked before
-    os.replace(tmp, out)
+    install_output(tmp, out, command)
     return out
 
 
@@ -123,7 +137,7 @@ def reshard(cfg: ReshardConfig) -> tuple[Path, int]:
     (cfg.out, number of shards)."""
     from huayu.models.loading import load_model, load_tokenizer
 
-    _check_model_out(cfg.model, cfg.out, "huayu export reshard MODEL --max-shard-size 50MB --out DIR")
+    _check_model_out(cfg, "export reshard", "MODEL --max-shard-size 50MB --out DIR")
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, tokenizer, dtype="auto")
     if getattr(model.config, "huayu_quantization", None):
@@ -134,11 +148,26 @@ def reshard(cfg: ReshardConfig) -> tuple[Path, int]:
             model.save_pretrained(tmp, max_shard_size=cfg.max_shard_size)
         except ValueError as exc:
             raise HuayuError(f"--max-shard-size {cfg.max_shard_size!r}: {exc}") from None
+        if not (tmp / SAFETENSORS_INDEX).exists():
+            _index_single_file(tmp, model.num_parameters())
         return {"shards": len(list(tmp.glob("model*.safetensors")))}
 
-    out = _write_model_dir(cfg.model, cfg.out, tokenizer, write,
+    out = _write_model_dir(cfg.model, cfg.out, "export reshard", tokenizer, write,
                            {"method": "reshard", "max_shard_size": cfg.max_shard_size})
     return out, len(list(out.glob("model*.safetensors")))
+
+
+def _index_single_file(directory: Path, parameters: int) -> None:
+    """The index transformers writes only for several shards, written for the one model.safetensors
+    too, so every reshard output has one; loaders that take model.safetensors first read the same
+    weights either way."""
+    with open(directory / SAFETENSORS, "rb") as f:  # safetensors: an 8-byte little-endian length, a JSON header
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    header.pop("__metadata__", None)
+    size = sum(end - start for start, end in (tensor["data_offsets"] for tensor in header.values()))
+    index = {"metadata": {"total_parameters": parameters, "total_size": size},
+             "weight_map": {name: SAFETENSORS for name in sorted(header)}}
+    (directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 @dataclass
@@ -146,7 +175,8 @@ class QuantizeConfig:
     model: str = field_doc("model directory of a generative model (decoder, T5, GLM)", positional=True, default=None)
     bits: int = field_doc("8: int8 weights, one scale per row; 4: int4 weights in groups", default=8)
     group_size: int = field_doc("int4: input columns sharing one scale and zero (32, 64, 128, 256)", default=32)
-    out: str = field_doc("output directory (must not exist, or be empty)", default=None)
+    out: str = field_doc(OUT_HELP, default=None)
+    overwrite: bool = field_doc(OVERWRITE_HELP, default=False)
 
 
 def quantize(cfg: QuantizeConfig) -> tuple[Path, dict]:
@@ -154,7 +184,7 @@ def quantize(cfg: QuantizeConfig) -> tuple[Path, dict]:
     from huayu.models.loading import load_model, load_tokenizer
     from huayu.quantization import check_quantization, quantize_model, save_quantized
 
-    _check_model_out(cfg.model, cfg.out, "huayu quantize MODEL --bits 8|4 [--group-size 32] --out DIR")
+    _check_model_out(cfg, "quantize", "MODEL --bits 8|4 [--group-size 32] --out DIR")
     check_quantization(cfg.bits, cfg.group_size)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, tokenizer, dtype="auto")
@@ -169,7 +199,7 @@ def quantize(cfg: QuantizeConfig) -> tuple[Path, dict]:
                 "int8_layers": sum(b == 8 for b in record["layers"].values()),
                 "int4_layers": sum(b == 4 for b in record["layers"].values())}
 
-    return _write_model_dir(cfg.model, cfg.out, tokenizer, write, {"method": "quantize"}), record
+    return _write_model_dir(cfg.model, cfg.out, "quantize", tokenizer, write, {"method": "quantize"}), record
 
 
 def add_quantize_arguments(parser) -> None:

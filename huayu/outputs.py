@@ -48,14 +48,27 @@ def check_output_dir(out: str | Path, command: str, overwrite: bool = False, fla
     return False
 
 
+def _foreign(out: Path, command: str) -> bool:
+    """A non-empty directory that is not `command`'s (written into only with --overwrite)."""
+    return out.is_dir() and any(out.iterdir()) and output_owner(out) != command
+
+
+def _record(directory: Path, command: str) -> None:
+    tmp = directory / f".tmp-{OUTPUT_RECORD}"
+    tmp.write_text(json.dumps({"command": command}) + "\n", encoding="utf-8")
+    os.replace(tmp, directory / OUTPUT_RECORD)
+
+
 def claim_output_dir(out: str | Path, command: str, overwrite: bool = False, flag: str = "--out") -> bool:
-    """check_output_dir, then create `out` and record that `command` writes there."""
+    """check_output_dir, then create `out` and record that `command` writes there — unless it is
+    someone else's directory written into with --overwrite, which must never pass for huayu's own
+    (a later run would replace it whole)."""
     own = check_output_dir(out, command, overwrite, flag)
     out = Path(out)
+    foreign = _foreign(out, command)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".tmp-{OUTPUT_RECORD}"
-    tmp.write_text(json.dumps({"command": command}) + "\n", encoding="utf-8")
-    os.replace(tmp, out / OUTPUT_RECORD)
+    if not foreign:
+        _record(out, command)
     return own
 
 
@@ -63,8 +76,8 @@ def install_output(built: Path, out: Path, command: str) -> None:
     """Move a finished output built under a temporary name to `out`, which check_output_dir has
     allowed: a missing or empty `out`, or an earlier output of `command`, is replaced whole; into
     any other directory (--overwrite) the entries are moved one by one, replacing same-named ones."""
-    (built / OUTPUT_RECORD).write_text(json.dumps({"command": command}) + "\n", encoding="utf-8")
-    if out.is_dir() and any(out.iterdir()) and output_owner(out) != command:
+    if _foreign(out, command):  # no record here: the directory stays its owner's
+        (built / OUTPUT_RECORD).unlink(missing_ok=True)
         for entry in built.iterdir():
             target = out / entry.name
             if target.is_dir() and not target.is_symlink():
@@ -72,6 +85,7 @@ def install_output(built: Path, out: Path, command: str) -> None:
             os.replace(entry, target)
         built.rmdir()
         return
+    _record(built, command)
     if out.is_dir():
         shutil.rmtree(out)  # empty, or huayu's own earlier output of this command
     os.replace(built, out)

@@ -11,11 +11,13 @@ sequence packing and chat rendering free of duplicated or missing boundary token
 from __future__ import annotations
 
 import argparse
+import gzip
 import shutil
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,11 +26,13 @@ from tqdm import tqdm
 
 from huayu.config import ConfigError
 from huayu.data.commands import parse_role_map
-from huayu.data.formats import DIALOGUE_FORMATS, detect_format, dialogue_texts, read_dialogues, read_texts
+from huayu.data.formats import ReadResult, dialogue_texts, read_dialogues, read_texts
+from huayu.data.sources import corpus_files, holds_dialogues
 from huayu.data.span_corruption import sentinel_tokens
 from huayu.data.templates import (ASSISTANT, BOS, DEFAULT_CHAT_TEMPLATE, EOS, MASK, PAD, SEP, SPECIAL_TOKENS,
                                   SYSTEM, UNK, USER)
 from huayu.errors import DataError, HuayuError
+from huayu.outputs import OVERWRITE_HELP, check_output_dir, install_output
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -36,6 +40,8 @@ if TYPE_CHECKING:
 KINDS = ("char", "bpe")
 BYTE_ALPHABET_SIZE = 256
 META_FILE = "huayu_tokenizer.yaml"
+COMMAND = "tokenizer train"
+HEAD_LINES = 100  # lines of every JSONL/text input read before the long pass, to fail at once on a bad file
 
 
 def train_tokenizer(texts: Iterable[str], kind: str = "char", vocab_size: int = 8000,
@@ -129,33 +135,88 @@ def _wrap(backend, model_max_length: int, sentinels: list[str]) -> PreTrainedTok
     )
 
 
+Reader = Callable[[Path, bool, bool], ReadResult]  # (input, holds dialogues, skip_invalid) -> its records
+
+
 def iter_corpus_texts(paths: list[str], text_field: str | None = None, skip_invalid: bool = False,
                       role_map: dict[str, str] | None = None) -> Iterator[str]:
-    """Yield every text a tokenizer should see: each message of a dialogue file, else each text and
-    target of a corpus file."""
-    for path in paths:
-        if _is_dialogue(Path(path)):
-            result = read_dialogues(path, role_map=role_map, skip_invalid=skip_invalid)
-        else:
-            result = read_texts(path, text_field=text_field, skip_invalid=skip_invalid)
+    """Every text a tokenizer should see: each message of a dialogue file, else each text and target
+    of a corpus file. The first lines of every input are checked now, so that a bad last file fails
+    before the long pass over the others; the texts are then read one input at a time."""
+    def read(path: Path, dialogue: bool, skip: bool) -> ReadResult:
+        if dialogue:
+            return read_dialogues(path, role_map=role_map, skip_invalid=skip)
+        return read_texts(path, text_field=text_field, skip_invalid=skip)
+
+    inputs = corpus_inputs(paths)
+    for path, dialogue in inputs:
+        check_first_records(path, dialogue, read, skip_invalid)
+    return _texts(inputs, read, skip_invalid)
+
+
+def _texts(inputs: list[tuple[Path, bool]], read: Reader, skip_invalid: bool) -> Iterator[str]:
+    for path, dialogue in inputs:
+        result = read(path, dialogue, skip_invalid)
         if result.skipped:
             print(f"{path}: skipped {result.skipped} invalid record(s)", file=sys.stderr)
         yield from dialogue_texts(result)
 
 
-def _is_dialogue(path: Path) -> bool:
-    """Whether `path` is an EVA directory or a file in a dialogue format detect_format recognizes.
+def corpus_inputs(paths: list[str]) -> list[tuple[Path, bool]]:
+    """(input, whether it holds dialogues) for every path: a directory of corpus files stands for
+    every corpus file under it (corpus_files), an EVA directory for its train split."""
+    inputs = []
+    for path in map(Path, paths):
+        if _is_dialogue(path):
+            inputs.append((path, True))
+        else:
+            inputs += [(file, False) for file in corpus_files(path)]
+    return inputs
 
-    A `.txt` file is read as plain text although detect_format calls it EVA: tab-separated turns
-    tokenize the same as the line they sit on. A file detect_format cannot place (e.g. JSONL with
-    a "text" field) is taken as a corpus; read_texts reports it if it is not one either.
-    """
-    if path.is_file() and path.name.lower().removesuffix(".gz").endswith(".txt"):
-        return False
+
+def _is_dialogue(path: Path) -> bool:
+    """Whether `path` holds dialogues rather than a text corpus (holds_dialogues). A `.txt` file is
+    read as plain text even when it is EVA's: tab-separated turns tokenize the same as their line."""
+    is_txt = path.is_file() and path.name.lower().removesuffix(".gz").endswith(".txt")
+    return not is_txt and holds_dialogues(str(path))
+
+
+def check_first_records(path: Path, dialogue: bool, read: Reader, skip_invalid: bool) -> None:
+    """Read the first HEAD_LINES lines of `path` as the long pass will, so that a wrong format or an
+    unmapped role stops the run at once with the file and line. With skip_invalid, invalid records
+    there are an error only when no valid one is among them: the whole file would be skipped."""
+    with tempfile.TemporaryDirectory() as tmp:
+        head = _head(path, Path(tmp))
+        try:
+            if skip_invalid and read(head or path, dialogue, True).records:
+                return
+            read(head or path, dialogue, False)
+        except DataError as exc:
+            if head is None:
+                raise
+            kept = f" (no valid record in its first {HEAD_LINES} lines to keep with --skip-invalid)"
+            raise DataError(path, exc.where, exc.reason + (kept if skip_invalid else "")) from None
+
+
+def _head(path: Path, into: Path) -> Path | None:
+    """The first HEAD_LINES lines of a JSONL or text file, copied into `into` under its name without
+    .gz, so the reader takes them for the same format and numbers their lines alike; None for what
+    is read whole anyway (a JSON list, YAML, a directory) or cannot be read (the reader says why)."""
+    compressed = path.name.lower().endswith(".gz")
+    name = path.name[:-3] if compressed else path.name
+    if not (path.is_file() and name.lower().endswith((".jsonl", ".json", ".txt"))):
+        return None
     try:
-        return detect_format(path) in DIALOGUE_FORMATS
-    except DataError:
-        return False
+        with (gzip.open if compressed else open)(path, "rb") as f:
+            lines = list(islice(f, HEAD_LINES))
+    except OSError:
+        return None
+    first = next((line for line in lines if line.strip()), b"").lstrip(b"\xef\xbb\xbf \t")
+    if first.startswith(b"["):  # a JSON list parses only whole
+        return None
+    head = into / name
+    head.write_bytes(b"".join(lines))
+    return head
 
 
 class _CorpusStats:
@@ -185,23 +246,34 @@ class _CorpusStats:
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", nargs="+", required=True, metavar="PATH",
-                        help="corpus files (.txt lines, .jsonl texts, or any dialogue format)")
-    parser.add_argument("--kind", choices=KINDS, default="char", help="one token per character, or byte-level BPE")
+                        help="corpus files (.txt lines, .jsonl texts, or any dialogue format) or directories of "
+                             "corpus files (read with their subdirectories)")
+    parser.add_argument("--kind", choices=KINDS, default="char",
+                        help="one token per character, or byte-level BPE (default: %(default)s)")
     parser.add_argument("--vocab-size", type=int, default=8000,
-                        help="vocabulary size, special tokens and sentinels included")
+                        help="vocabulary size, special tokens and sentinels included (default: %(default)s)")
     parser.add_argument("--min-frequency", type=int, default=1,
-                        help="char: minimum count of a kept character; bpe: minimum count of a merge")
-    parser.add_argument("--text-field", help="JSON field holding the text (default: auto-detect)")
+                        help="char: minimum count of a kept character; bpe: minimum count of a merge "
+                             "(default: %(default)s)")
+    parser.add_argument("--text-field", help="JSON field holding the text (default: text, src_txt or content, "
+                                             "whichever the first record has)")
     parser.add_argument("--sentinels", type=int, default=0, metavar="N",
-                        help="add <extra_id_0..N-1> for span-corruption pre-training (T5 uses 100)")
-    parser.add_argument("--max-length", type=int, default=1024, help="model_max_length saved with the tokenizer")
+                        help="add <extra_id_0..N-1> for span-corruption pre-training; T5 uses 100 "
+                             "(default: %(default)s)")
+    parser.add_argument("--max-length", type=int, default=1024,
+                        help="model_max_length saved with the tokenizer (default: %(default)s)")
     parser.add_argument("--role-map", type=parse_role_map, default=None, metavar="SRC=ROLE,...",
-                        help="map dialogue roles, e.g. client=user,counselor=assistant")
+                        help="map dialogue roles, e.g. client=user,counselor=assistant (default: only "
+                             "user/assistant/system and human/gpt/bot are known)")
     parser.add_argument("--skip-invalid", action="store_true", help="skip malformed records instead of failing")
-    parser.add_argument("--out", required=True, help="output directory (replaced only after success)")
+    parser.add_argument("--out", required=True,
+                        help="output directory: new, empty, or an earlier tokenizer train output, which is "
+                             "replaced once the new tokenizer is complete")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
 
 def run_train(args: argparse.Namespace) -> int:
+    check_output_dir(args.out, COMMAND, args.overwrite)
     stats = _CorpusStats()
     texts = iter_corpus_texts(args.data, text_field=args.text_field, skip_invalid=args.skip_invalid,
                               role_map=args.role_map)
@@ -226,34 +298,16 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _save(tokenizer: PreTrainedTokenizerFast, meta: dict, out: Path) -> None:
-    """Write into a temporary sibling directory, then swap it in, so a failure never leaves a half
-    written tokenizer and an existing output survives until the new one is complete."""
+    """Build the output in a temporary sibling directory and install it only when complete, so a
+    failure never leaves a half-written tokenizer and an earlier one stays until then."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         tokenizer.save_pretrained(tmp)
         (tmp / META_FILE).write_text(yaml.safe_dump(meta, allow_unicode=True, sort_keys=False), encoding="utf-8")
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _replace(new: Path, out: Path) -> None:
-    """Rename `new` to `out`; an existing `out` is moved aside first and restored if that fails."""
-    if not out.exists():
-        new.rename(out)
-        return
-    trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-    out.rename(trash / out.name)
-    try:
-        new.rename(out)
-    except OSError:
-        (trash / out.name).rename(out)
-        raise
+        install_output(tmp, out, COMMAND)
     finally:
-        if out.exists():  # the new output, or the old one restored: either way `trash` is disposable
-            shutil.rmtree(trash, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # gone once installed
 
 
 def _report(tokenizer: PreTrainedTokenizerFast, stats: _CorpusStats, unk_share: float, out: str) -> None:

@@ -11,6 +11,7 @@ from huayu.cli import main
 from huayu.data.formats import (Dialogue, detect_format, dialogue_texts, open_text, read_dialogues,
                                 read_texts)
 from huayu.errors import DataError, HuayuError
+from huayu.outputs import OUTPUT_RECORD
 
 KDCONV = [
     {"name": "film one", "messages": [{"message": "知道这部电影吗？"},
@@ -294,6 +295,25 @@ def test_read_texts_directory_in_name_order(tmp_path):
     jsonl(tmp_path / "a.jsonl.gz", [{"text": "一"}])
     write(tmp_path / "notes.md", "ignored\n")
     assert [r.text for r in read_texts(tmp_path).records] == ["一", "二"]
+
+
+def test_text_directories_are_read_with_their_subdirectories_in_path_order(tmp_path, capsys):
+    from huayu.data.sources import read_text_files
+
+    write(tmp_path / "corpus" / "b" / "c.txt", "三\n")
+    jsonl(tmp_path / "corpus" / "b" / "a" / "z.jsonl.gz", [{"text": "二"}])
+    write(tmp_path / "corpus" / "a.txt", "一\n")
+    write(tmp_path / "corpus" / ".cache" / "x.txt", "hidden\n")
+    write(tmp_path / "corpus" / OUTPUT_RECORD, json.dumps({"command": "data convert"}))
+    notes = []
+    records = read_text_files([str(tmp_path / "corpus")], None, "tgt_txt", False, report=notes.append)
+    assert [r.text for r in records] == ["一", "二", "三"]
+    assert notes == [f"{tmp_path / 'corpus'}: 3 corpus files (subdirectories included)"]
+    assert main(["data", "inspect", str(tmp_path / "corpus"), "--format", "text"]) == 0
+    assert "3 corpus files" in capsys.readouterr().out
+    write(tmp_path / "empty" / "sub" / "notes.md", "x\n")
+    with pytest.raises(DataError, match=r"no \.txt/\.json/\.jsonl\(\.gz\) files in this directory or its subdir"):
+        read_text_files([str(tmp_path / "empty")], None, "tgt_txt", False)
 
 
 # ---------------------------------------------------------------- CLI

@@ -178,7 +178,9 @@ def test_bad_requests_are_clear_errors(trained, quantized, tokenizer, tmp_path, 
     fails(["quantize", trained, "--bits", "4", "--group-size", "48", "--out", str(tmp_path / "a")],
           "--group-size must be one of 32, 64, 128, 256")
     fails(["quantize", quantized[8], "--out", str(tmp_path / "a")], "already quantized")
-    fails(["quantize", trained, "--out", quantized[8]], "exists and is not empty")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine", encoding="utf-8")
+    fails(["quantize", trained, "--out", str(tmp_path / "taken")], "is not empty")
     encoder = save_preset("bert-tiny", tokenizer, tmp_path / "bert")
     fails(["quantize", encoder, "--out", str(tmp_path / "a")], "does not generate text")
     data = write_conversations(tmp_path / "d.jsonl")

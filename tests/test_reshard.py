@@ -46,6 +46,26 @@ def test_shards_hold_the_same_weights_within_the_size_and_keep_the_dtype(tmp_pat
     assert all(torch.equal(weights(single)[k], before[k]) for k in before)
 
 
+def test_one_shard_has_an_index_too_and_loads_with_plain_transformers_and_huayu(tmp_path, tiny_model_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from huayu.models.loading import load_model
+
+    single, shards = reshard(ReshardConfig(model=tiny_model_dir, max_shard_size="10GB", out=str(tmp_path / "one")))
+    index = json.loads((single / "model.safetensors.index.json").read_text())
+    stored = weights(single)
+    assert shards == 1 and index["weight_map"] == {name: "model.safetensors" for name in stored}
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in stored.values())
+    source = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    for loaded in (AutoModelForCausalLM.from_pretrained(single), load_model(str(single), tokenizer)):
+        assert all(torch.equal(value, source[name]) for name, value in loaded.state_dict().items())
+    # a directory holding the file and its index reshards like any other
+    many, shards = reshard(ReshardConfig(model=str(single), max_shard_size="100KB", out=str(tmp_path / "many")))
+    assert shards > 1 and set(json.loads((many / "model.safetensors.index.json").read_text())["weight_map"].values()) \
+        == {f.name for f in many.glob("model-*.safetensors")}
+    assert all(torch.equal(value, stored[name]) for name, value in weights(many).items())
+
+
 def test_every_stage_loads_a_sharded_model(tmp_path, lively_model_dir, lively_glm_dir, tokenizer, tokenizer_dir):
     texts, dialogues = write_texts(tmp_path / "t.txt"), write_conversations(tmp_path / "d.jsonl")
     for name, source in (("decoder", lively_model_dir), ("glm", lively_glm_dir)):

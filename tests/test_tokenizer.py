@@ -132,6 +132,61 @@ def test_iter_corpus_texts_reads_lines_texts_targets_and_messages(tmp_path, caps
     assert "skipped 1" in capsys.readouterr().err
 
 
+COUNSELLING = {"conversation": [{"role": "client", "content": "你好"}, {"role": "counselor", "content": "您好"}]}
+
+
+@pytest.fixture
+def files_read_whole(monkeypatch):
+    """The paths huayu.tokenizer hands to its readers, in order."""
+    import huayu.tokenizer as module
+
+    paths = []
+
+    def spy(reader):
+        def read(path, *args, **kwargs):
+            paths.append(path)
+            return reader(path, *args, **kwargs)
+        return read
+
+    for name in ("read_texts", "read_dialogues"):
+        monkeypatch.setattr(module, name, spy(getattr(module, name)))
+    return paths
+
+
+def test_a_bad_last_file_stops_the_run_before_the_others_are_read(tmp_path, files_read_whole, capsys):
+    big = tmp_path / "big.txt"
+    big.write_text("很长的语料。\n" * 500, encoding="utf-8")
+    chat = _jsonl(tmp_path / "chat.jsonl", COUNSELLING)
+    assert main(["tokenizer", "train", "--data", str(big), chat, "--out", str(tmp_path / "tok")]) == 1
+    assert f"{chat}: line 1: turn 1: unknown role 'client'; map it with --role-map" in capsys.readouterr().err
+    assert str(big) not in map(str, files_read_whole)  # only its first lines were read, from a copy
+    assert not (tmp_path / "tok").exists()
+
+
+def test_skip_invalid_still_stops_a_file_whose_first_records_are_all_invalid(tmp_path, capsys):
+    def train(data, *options):
+        return main(["tokenizer", "train", "--data", data, "--skip-invalid", "--out", str(tmp_path / "tok"), *options])
+
+    roles = ["--role-map", "client=user,counselor=assistant"]
+    assert train(_jsonl(tmp_path / "chat.jsonl", *[COUNSELLING] * 3)) == 1
+    assert "no valid record in its first 100 lines to keep with --skip-invalid" in capsys.readouterr().err
+    assert train(_jsonl(tmp_path / "mixed.jsonl", {"conversation": []}, *[COUNSELLING] * 2), *roles) == 0
+    captured = capsys.readouterr()
+    assert "texts: 4" in captured.out and "skipped 1 invalid record(s)" in captured.err
+
+
+def test_a_directory_is_read_with_its_subdirectories_in_path_order(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    (corpus / "b" / "deeper").mkdir(parents=True)
+    (corpus / ".git").mkdir()
+    (corpus / "a.txt").write_text("甲\n", encoding="utf-8")
+    (corpus / "b" / "c.txt").write_text("乙\n", encoding="utf-8")
+    _jsonl(corpus / "b" / "deeper" / "d.jsonl", {"text": "丙"})
+    (corpus / ".git" / "x.txt").write_text("不要\n", encoding="utf-8")
+    assert list(iter_corpus_texts([str(corpus)])) == ["甲", "乙", "丙"]
+    assert f"{corpus}: 3 corpus files (subdirectories included)" in capsys.readouterr().out
+
+
 def test_cli_trains_saves_and_replaces_output(tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("你好，世界！\n今天天气很好。\nhello 123\n", encoding="utf-8")

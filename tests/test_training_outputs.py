@@ -104,3 +104,12 @@ def test_the_rule_recognises_a_command_s_own_output(tmp_path):
     assert check_output_dir(out, "sft") is True
     with pytest.raises(Exception, match="holds the output of `huayu sft`"):
         check_output_dir(out, "pretrain")
+
+
+def test_a_directory_written_with_overwrite_never_passes_for_huayu_s_own(tmp_path, users_dir, capsys):
+    """Else the next run without --overwrite would take it for its own output and replace it whole."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    assert claim_output_dir(users_dir, "demo", overwrite=True) is False
+    assert main(["demo", "--corpus", str(corpus), "--out", str(users_dir)]) == 1
+    assert "--overwrite" in capsys.readouterr().err and _intact(users_dir)

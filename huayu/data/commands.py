@@ -8,15 +8,20 @@ import json
 import os
 import random
 import re
+import shutil
+import tempfile
 from collections import Counter
 from pathlib import Path
 
 from huayu.data.formats import (COLUMNS_FORMAT, DIALOGUE_FORMATS, Dialogue, ReadResult, TextRecord,
-                                dialogue_origin, read_dialogues, read_texts)
+                                dialogue_origin, read_dialogues)
+from huayu.data.sources import read_corpus
 from huayu.errors import HuayuError
+from huayu.outputs import OVERWRITE_HELP, check_output_dir, install_output
 
 DIALOGUE_CHOICES = ("auto", *DIALOGUE_FORMATS, COLUMNS_FORMAT)
 SPLITS = ("train", "valid", "test")
+CONVERT = "data convert"
 SHOW_CHARS = 300  # a sample's turn is cut here when shown, so one long answer does not flood the terminal
 _LINE_BREAKS = re.compile(r"[\t\r\n]+")
 _REPLACED = "turns had tabs/newlines replaced by spaces"  # always reported for EVA output
@@ -61,20 +66,25 @@ def _int_at_least(minimum: int):
 
 
 def _add_reader_arguments(parser: argparse.ArgumentParser, formats: tuple[str, ...]) -> None:
-    parser.add_argument("path", help="data file (.gz read transparently) or EVA data directory")
-    parser.add_argument("--format", default="auto", choices=formats, help="input format (default: detect)")
+    parser.add_argument("path", help="data file (.gz read transparently), EVA data directory, or with --format "
+                                     "text a directory of corpus files (read with its subdirectories)")
+    parser.add_argument("--format", default="auto", choices=formats,
+                        help="input format (default: %(default)s, detected from the name and first record)")
     parser.add_argument("--role-map", type=parse_role_map, metavar="SRC=ROLE,...",
-                        help="map source roles to user/assistant/system, e.g. client=user,counselor=assistant")
+                        help="map source roles to user/assistant/system, e.g. client=user,counselor=assistant "
+                             "(default: only user/assistant/system and human/gpt/bot are known)")
     parser.add_argument("--skip-invalid", action="store_true", help="skip (and count) malformed records")
-    parser.add_argument("--split", default="train", help="which file of an EVA directory to read (default: train)")
+    parser.add_argument("--split", default="train",
+                        help="which file of an EVA directory to read (default: %(default)s)")
     parser.add_argument("--prompt-column", help="read any JSON/JSONL as one prompt -> response pair per record")
     parser.add_argument("--response-column", help="the response field, with --prompt-column")
-    parser.add_argument("--window", type=_int_at_least(1), help="KdConv: keep only the last N context turns")
+    parser.add_argument("--window", type=_int_at_least(1),
+                        help="KdConv: keep only the last N context turns (default: all)")
 
 
 def _read(args) -> ReadResult:
     if args.format == "text":
-        return read_texts(args.path, args.text_field, args.target_field, args.skip_invalid)
+        return read_corpus(args.path, args.text_field, args.target_field, args.skip_invalid)
     return read_dialogues(args.path, args.format, args.role_map, args.skip_invalid, args.split,
                           args.prompt_column, args.response_column, args.window)
 
@@ -85,8 +95,10 @@ def _read(args) -> ReadResult:
 def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
     _add_reader_arguments(parser, (*DIALOGUE_CHOICES, "text"))
     parser.add_argument("--text-field", help="--format text: JSON field with the text (default: text/src_txt/content)")
-    parser.add_argument("--target-field", default="tgt_txt", help="--format text: JSON field with a target")
-    parser.add_argument("--show", type=_int_at_least(0), default=2, help="how many samples to print (default: 2)")
+    parser.add_argument("--target-field", default="tgt_txt",
+                        help="--format text: JSON field with a target (default: %(default)s)")
+    parser.add_argument("--show", type=_int_at_least(0), default=2,
+                        help="how many samples to print (default: %(default)s)")
 
 
 def run_inspect(args) -> int:
@@ -151,35 +163,59 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", required=True, choices=("eva", "conversation", "text"),
                         help="output format (text: one JSONL document per dialogue, its turns on lines, for pre-training)")
     parser.add_argument("--out", required=True,
-                        help="output file, or directory for train/valid/test files with --split-ratio")
+                        help="output file (an existing one is replaced only with --overwrite); with --split-ratio a "
+                             "directory for train/valid/test files: new, empty, or an earlier split by data convert "
+                             "(replaced)")
     parser.add_argument("--split-ratio", type=_split_ratio, metavar="TRAIN,VALID,TEST",
                         help="write train/valid/test files into --out, e.g. 0.9,0.05,0.05")
-    parser.add_argument("--seed", type=int, default=0, help="shuffle seed for --split-ratio (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="shuffle seed for --split-ratio (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace an existing --out file; with --split-ratio, {OVERWRITE_HELP}")
 
 
 def run_convert(args) -> int:
+    out = Path(args.out)
+    _check_convert_out(out, args.split_ratio is not None, args.overwrite)
     result = _read(args)
     notes: Counter = Counter()
     encode = {"eva": _eva_line, "conversation": _conversation_line, "text": _text_line}[args.to]
     samples = [(dialogue_origin(d.source), line) for d in result.records if (line := encode(d, notes)) is not None]
     print(f"read {len(result.records):,} dialogues ({result.format}) from {result.path}"
           + (f"; skipped {result.skipped:,} invalid records" if args.skip_invalid else ""))
-    out = Path(args.out)
     if args.split_ratio is None:
         write_lines(out, [line for _, line in samples], hint=", or --split-ratio to write splits into it")
         print(f"wrote {len(samples):,} samples to {out}")
     else:
-        if out.exists() and not out.is_dir():
-            raise HuayuError(f"--out {out} is a file; with --split-ratio it names a directory for train/valid/test")
         suffix = ".txt" if args.to == "eva" else ".jsonl"
         parts = _split(samples, args.split_ratio, args.seed)
-        for name, lines in parts.items():
-            write_lines(out / f"{name}{suffix}", lines)
+        _write_splits(out, {f"{name}{suffix}": lines for name, lines in parts.items()})
         print(f"wrote to {out}: " + ", ".join(f"{name}{suffix} {len(lines):,}" for name, lines in parts.items()))
     for note, count in notes.items():
         if count or note == _REPLACED:
             print(f"  {count:,} {note}")
     return 0
+
+
+def _check_convert_out(out: Path, split: bool, overwrite: bool) -> None:
+    """Refuse, before the input is read, an --out holding something of the user's: an existing file
+    unless --overwrite, or with --split-ratio a directory the output rule (huayu.outputs) refuses."""
+    if split:
+        check_output_dir(out, CONVERT, overwrite)
+    elif out.is_file() and not overwrite:
+        raise HuayuError(f"--out {out} exists: choose another file name, or pass --overwrite to replace it")
+
+
+def _write_splits(out: Path, files: dict[str, list[str]]) -> None:
+    """Build the split files in a temporary sibling directory, then install it, so an earlier split is
+    replaced whole (no file of another format left behind) and an interrupted run leaves none."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        for name, lines in files.items():
+            write_lines(tmp / name, lines)
+        install_output(tmp, out, CONVERT)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone once installed
 
 
 def _eva_line(dialogue: Dialogue, notes: Counter) -> str | None:

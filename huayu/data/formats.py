@@ -29,7 +29,7 @@ DEFAULT_ROLE_MAP = {
     "user": "user", "assistant": "assistant", "system": "system",
     "human": "user", "gpt": "assistant", "bot": "assistant",
 }
-_CORPUS_SUFFIXES = (".txt", ".json", ".jsonl", ".gz")  # files read_texts takes from a directory
+CORPUS_SUFFIXES = (".txt", ".json", ".jsonl", ".gz")  # files read_texts takes from a directory
 
 
 @dataclass
@@ -550,7 +550,7 @@ def read_texts(path, text_field: str | None = None, target_field: str = "tgt_txt
 def _corpus_files(path: Path) -> list[Path]:
     if not path.is_dir():
         return [path]
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(_CORPUS_SUFFIXES))
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(CORPUS_SUFFIXES))
     if not files:
         raise DataError(path, "file", "no .txt/.json/.jsonl(.gz) files in this directory")
     return files

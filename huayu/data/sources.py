@@ -48,16 +48,50 @@ def read_dialogue_files(paths: list[str], data: DialogueDataArgs, skip_invalid: 
 
 def read_text_files(paths: list[str], text_field: str | None, target_field: str, skip_invalid: bool,
                     report: Report = print):
-    """Every text record in `paths` (continuation or input->output)."""
-    from huayu.data.formats import read_texts
-
+    """Every text record in `paths` (continuation or input->output), a directory's files included."""
     records, skipped = [], 0
     for path in paths:
-        result = read_texts(path, text_field=text_field, target_field=target_field, skip_invalid=skip_invalid)
+        result = read_corpus(path, text_field, target_field, skip_invalid, report)
         records += result.records
         skipped += result.skipped
     _report(skipped, report)
     return records
+
+
+def read_corpus(path: str | Path, text_field: str | None, target_field: str, skip_invalid: bool,
+                report: Report = print):
+    """read_texts over every file of corpus_files(path), as one ReadResult."""
+    from huayu.data.formats import ReadResult, read_texts
+
+    results = [read_texts(file, text_field=text_field, target_field=target_field, skip_invalid=skip_invalid)
+               for file in corpus_files(path, report)]
+    return ReadResult([record for result in results for record in result.records],
+                      sum(result.skipped for result in results), "text", str(path))
+
+
+def corpus_files(path: str | Path, report: Report = print) -> list[Path]:
+    """A file as itself; a directory as every corpus file (.txt/.json/.jsonl, .gz too) under it,
+    subdirectories included, in path order so every machine reads them alike, and a report of how
+    many. Hidden files and directories (.git, editors' backups) and huayu's output records (a data
+    convert split is a corpus directory) are left out."""
+    from huayu.data.formats import CORPUS_SUFFIXES
+    from huayu.errors import DataError
+    from huayu.outputs import OUTPUT_RECORD
+
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+
+    def is_corpus(file: Path) -> bool:
+        hidden = any(part.startswith(".") for part in file.relative_to(path).parts)
+        return file.is_file() and file.name.lower().endswith(CORPUS_SUFFIXES) and file.name != OUTPUT_RECORD \
+            and not hidden
+
+    files = sorted(filter(is_corpus, path.rglob("*")))
+    if not files:
+        raise DataError(path, "file", "no .txt/.json/.jsonl(.gz) files in this directory or its subdirectories")
+    report(f"{path}: {len(files)} corpus files (subdirectories included)")
+    return files
 
 
 def holds_dialogues(path: str) -> bool:
