@@ -61,6 +61,18 @@ def _top_help() -> str:
     return "\n".join(lines)
 
 
+def build_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of command `name` (main's, recipe stages' and the README test's alike)."""
+    target, help_ = COMMANDS[name]
+    parser = argparse.ArgumentParser(prog=f"huayu {name}", description=help_)
+    _load(target)[0](parser)
+    if name in LOADS_MODELS:
+        parser.add_argument(ALLOW_PICKLE_FLAG, action="store_true", help="load weights stored only as pickles "
+                            "(pytorch_model.bin): unpickling can run code, so only for files you trust")
+    parser.usage = _usage(parser)
+    return parser
+
+
 def _usage(parser: argparse.ArgumentParser) -> str:
     """One line: the positionals, then [options]; argparse's own lists every flag (~35 lines for sft)."""
     positionals = [f"[{a.dest.upper()}]" if a.nargs in ("?", "*") else a.dest.upper()
@@ -81,15 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"huayu: unknown command {' '.join(argv[:2])!r}\n\n{_top_help()}", file=sys.stderr)
         return 2
-    target, help_ = COMMANDS[name]
-    add_arguments, run = _load(target)
-    parser = argparse.ArgumentParser(prog=f"huayu {name}", description=help_)
-    add_arguments(parser)
-    if name in LOADS_MODELS:
-        parser.add_argument(ALLOW_PICKLE_FLAG, action="store_true", help="load weights stored only as pickles "
-                            "(pytorch_model.bin): unpickling can run code, so only for files you trust")
-    parser.usage = _usage(parser)
-    args = parser.parse_args(argv[len(name.split()):])
+    args = build_parser(name).parse_args(argv[len(name.split()):])
+    run = _load(COMMANDS[name][0])[1]
     if getattr(args, "allow_pickle_weights", False):
         os.environ[ALLOW_PICKLE_ENV] = "1"  # for this process and the stages a recipe runs
     try:

@@ -11,7 +11,6 @@ Every stage runs in-process through `huayu.cli.main`, so it takes exactly the fl
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import re
@@ -199,15 +198,13 @@ def check_markers(stages: list[Stage]) -> None:
 def check_arguments(stages: list[Stage]) -> None:
     """Parse every command line with its command's parser now, so a typo in the last stage's
     options shows before the first stage trains for hours."""
-    from huayu.cli import COMMANDS as CLI, _load
+    from huayu.cli import COMMANDS as CLI, build_parser
 
     for stage in stages:
         for argv in filter(None, (stage.argv, stage.eval_argv)):
             name = " ".join(argv[:2]) if " ".join(argv[:2]) in CLI else argv[0]
-            parser = argparse.ArgumentParser(prog=f"huayu {name}")
-            _load(CLI[name][0])[0](parser)
             try:
-                parser.parse_args(argv[len(name.split()):])
+                build_parser(name).parse_args(argv[len(name.split()):])
             except SystemExit:
                 raise HuayuError(f"stage {stage.name}: bad options for huayu {name} (see above)") from None
 

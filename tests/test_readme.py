@@ -10,7 +10,6 @@ path with tiny sizes).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import gzip
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import DIALOGUES, TEXTS, save_preset
 
-from huayu.cli import COMMANDS, _load, main
+from huayu.cli import COMMANDS, build_parser, main
 
 README = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
 SHARED = "../shared/data/"
@@ -83,12 +82,7 @@ def inline_code(text: str) -> list[str]:
     return re.findall(r"`([^`\n]+)`", prose)
 
 
-@functools.cache
-def parser(name: str) -> argparse.ArgumentParser:
-    add_arguments, _ = _load(COMMANDS[name][0])
-    built = argparse.ArgumentParser(prog=f"huayu {name}")
-    add_arguments(built)
-    return built
+parser = functools.cache(build_parser)  # every README line of a command parses with the same parser
 
 
 def flags(tokens: list[str]) -> list[str]:
