@@ -261,3 +261,32 @@ def test_special_token_text_in_a_prompt_is_plain_text_unless_asked(server, servi
     assert prompt_tokens() == len("你好</s>")
     monkeypatch.setattr(service.cfg, "special_tokens_in_prompts", True)
     assert prompt_tokens() == 3
+
+
+def test_32_concurrent_streaming_clients_all_succeed(lively_model_dir):
+    """The load the server is promised to carry: 32 clients streaming at once, 0 failures."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    service = build_service(ServeConfig(model=lively_model_dir, served_model_name="tiny", max_batch_size=16,
+                                        max_queue=64))
+    live = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=live.run, daemon=True)
+    thread.start()
+    while not live.started:
+        time.sleep(0.02)
+    url = f"http://127.0.0.1:{live.servers[0].sockets[0].getsockname()[1]}/v1/chat/completions"
+
+    def stream(i: int) -> bool:
+        body = {"model": "tiny", "messages": USER, "stream": True, "max_tokens": 8, "seed": i, "ignore_eos": True}
+        with httpx.stream("POST", url, json=body, timeout=60) as response:
+            lines = [line for line in response.iter_lines() if line]
+        return response.status_code == 200 and lines[-1] == "data: [DONE]" and not any('"error"' in x for x in lines)
+
+    try:
+        with ThreadPoolExecutor(32) as pool:
+            results = list(pool.map(stream, range(32)))
+    finally:
+        live.should_exit = True
+        thread.join(timeout=10)
+    assert results.count(False) == 0
+    assert service.engine.stats()["failed"] == 0
