@@ -174,4 +174,4 @@ def test_fsdp_or_deepspeed_launch_is_refused(variable, monkeypatch, tmp_path, to
     monkeypatch.setenv(variable, "true")
     data = write_texts(tmp_path / "t.txt")
     assert main(pretrain_args(tokenizer_dir, data, tmp_path / "out", 2)) == 1
-    assert "plain DDP" in capsys.readouterr().err
+    assert "sharded states" in capsys.readouterr().err

@@ -50,3 +50,8 @@ def seq2seq_collate(pad_id: int):
         return {"input_ids": ids, "attention_mask": mask, "labels": pad([e.labels for e in examples], IGNORE)}
 
     return collate
+
+
+def to_device(batch: dict, device) -> dict:
+    """`batch` with its tensors on `device` (the model's): batches are built on the CPU."""
+    return {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}

@@ -107,6 +107,17 @@ class Family:
             return last + last.new_tensor([0, 1]).view(1, 2, 1)
         return last + 1
 
+    def loss_items(self, batch: dict) -> int:
+        """How many items a batch's loss is the mean over: its examples when each has one label
+        (classification, cloze), else its target tokens, which a causal model predicts one
+        position on (it drops the first label); encoder-decoders, masked LMs and GLM align theirs."""
+        from huayu.data.batching import IGNORE
+
+        labels = batch["labels"]
+        if labels.dim() == 1:
+            return len(labels)
+        return int(((labels[:, 1:] if self.layout == CAUSAL else labels) != IGNORE).sum())
+
     def collate(self, pad_id: int):
         from huayu.data.batching import pad_collate, seq2seq_collate
 

@@ -12,8 +12,10 @@ import json
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
+from huayu.config import field_doc
 from huayu.errors import HuayuError
 from huayu.models.families import family_of, family_of_model, family_of_preset
 
@@ -54,6 +56,68 @@ def check_safe_weights(directory: str | Path, adapter: bool = False) -> None:
         raise HuayuError(f"'{directory}' holds its weights only as a pickle ({', '.join(pickles)}), and loading a "
                          f"pickle can run code planted in it: use a safetensors copy of the model, or pass "
                          f"{ALLOW_PICKLE_FLAG} (or set {ALLOW_PICKLE_ENV}=1) if you trust these files")
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTION = ("sdpa", "flash_attention_2", "eager")
+
+
+@dataclass
+class LoadingArgs:
+    """How a model is loaded for training: the memory levers of a large model on one card."""
+    torch_dtype: str = field_doc(f"dtype to load the weights in: {' | '.join(DTYPES)} (auto: as stored)",
+                                 default="auto")
+    attn_implementation: str | None = field_doc(f"attention kernels: {' | '.join(ATTENTION)} (default: the "
+                                                "model's own choice)", default=None)
+    quantization_bit: int | None = field_doc("QLoRA: load the frozen base in 4 bits (NF4, double quantization) or "
+                                             "8 bits through bitsandbytes; CUDA only, with --finetuning-type lora",
+                                             default=None)
+
+    def check(self) -> None:
+        if self.torch_dtype not in DTYPES:
+            raise HuayuError(f"--torch-dtype must be one of {', '.join(DTYPES)}, got '{self.torch_dtype}'")
+        if self.attn_implementation not in (None, *ATTENTION):
+            raise HuayuError(f"--attn-implementation must be one of {', '.join(ATTENTION)}, "
+                             f"got '{self.attn_implementation}'")
+        if self.quantization_bit is not None:
+            quantization_config(self.quantization_bit)
+
+    def kwargs(self) -> dict:
+        """from_pretrained's keyword arguments for these choices (none: transformers' defaults)."""
+        import torch
+
+        kwargs = {} if self.torch_dtype == "auto" else {"dtype": getattr(torch, self.torch_dtype)}
+        if self.attn_implementation:
+            kwargs["attn_implementation"] = self.attn_implementation
+        if self.quantization_bit is not None:
+            from accelerate import PartialState
+
+            # bitsandbytes places the weights as it quantizes them: on this process's GPU
+            kwargs.update(quantization_config=quantization_config(self.quantization_bit),
+                          device_map={"": PartialState().local_process_index})
+        return kwargs
+
+
+def quantization_config(bits: int):
+    """bitsandbytes' config for QLoRA: NF4 with double quantization and bf16 compute, or LLM.int8;
+    a clear error where it cannot run (no CUDA GPU, bitsandbytes not installed)."""
+    import importlib.util
+
+    import torch
+
+    if bits not in (4, 8):
+        raise HuayuError(f"--quantization-bit must be 4 or 8, got {bits}")
+    if not torch.cuda.is_available():
+        raise HuayuError("--quantization-bit (QLoRA) needs a CUDA GPU: bitsandbytes' 4- and 8-bit layers train only "
+                         "there; on this machine fine-tune with --finetuning-type lora at full precision")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise HuayuError("--quantization-bit needs bitsandbytes: pip install -e '.[gpu]' (README, GPUs)")
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
 
 
 def _is_model_dir(spec: str) -> bool:
@@ -115,19 +179,24 @@ def load_tokenizer(model: str, tokenizer: str | None = None):
 
 
 def load_model(spec: str, tokenizer, dtype=None, seed: int = 0, adapter: str | None = None,
-               trainable_adapter: bool = False, classes: list[str] | None = None):
+               trainable_adapter: bool = False, classes: list[str] | None = None, loading: LoadingArgs | None = None,
+               prepare_base=None):
     """A model from a local HF directory, or a freshly initialised preset sized to `tokenizer`;
     with `adapter` (or when `spec` is an adapter directory) a peft model of base + adapter, whose
     adapter is `trainable_adapter` to resume its training. With `classes`, a sequence classifier
-    over them: a pre-trained encoder keeps its body and gets a new classification head."""
+    over them: a pre-trained encoder keeps its body and gets a new classification head. `loading`:
+    training's dtype, attention and quantization choices; `prepare_base(model)`, what training does
+    to the base before an adapter goes on (gradient checkpointing, k-bit preparation)."""
     spec, adapter = resolve_adapter(spec, adapter)
+    prepare_base = prepare_base or (lambda base: base)
     if adapter is None:
-        return _load_base(spec, tokenizer, dtype, seed, classes)
+        return prepare_base(_load_base(spec, tokenizer, dtype, seed, classes, loading))
     if _is_model_dir(spec) and is_quantized_dir(spec):
         raise HuayuError(f"'{spec}' is quantized: merge the adapter into the full-precision base first "
                          f"(huayu export merge), then quantize the merged model")
     mismatch = _check_adapter_base(spec, adapter)  # first: a wrong base's vocabulary would fail less clearly
-    return _attach_adapter(_load_base(spec, tokenizer, dtype, seed, classes), adapter, mismatch, trainable_adapter)
+    return _attach_adapter(prepare_base(_load_base(spec, tokenizer, dtype, seed, classes, loading)), adapter,
+                           mismatch, trainable_adapter)
 
 
 def is_classifier(config) -> bool:
@@ -142,12 +211,14 @@ def _classifier_kwargs(classes: list[str] | None) -> dict:
             "label2id": {c: i for i, c in enumerate(classes)}}
 
 
-def _load_base(spec: str, tokenizer, dtype, seed: int, classes: list[str] | None = None):
+def _load_base(spec: str, tokenizer, dtype, seed: int, classes: list[str] | None = None,
+               loading: LoadingArgs | None = None):
     import torch
     import transformers
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-shard bars for tiny models are noise in huayu's output
+    options = loading.kwargs() if loading is not None else {}
     if _is_model_dir(spec):
         from transformers import AutoConfig
 
@@ -165,7 +236,8 @@ def _load_base(spec: str, tokenizer, dtype, seed: int, classes: list[str] | None
         torch.manual_seed(seed)  # a new classification head is initialised reproducibly
         with _quiet_new_head(classes is not None):
             # by absolute path, so that an adapter trained on this model records where its base is
-            model = auto.from_pretrained(str(Path(spec).resolve()), dtype=dtype, **_classifier_kwargs(classes),
+            model = auto.from_pretrained(str(Path(spec).resolve()), **{"dtype": dtype, **options},
+                                         **_classifier_kwargs(classes),
                                          use_safetensors=None if pickle_weights_allowed() else True)
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             raise HuayuError(f"tokenizer has {len(tokenizer)} tokens but the model at '{spec}' "
@@ -177,8 +249,13 @@ def _load_base(spec: str, tokenizer, dtype, seed: int, classes: list[str] | None
     config = family.build_config(spec, len(tokenizer), special)
     for key, value in _classifier_kwargs(classes).items():
         setattr(config, key, value)
+    if options.get("quantization_config") is not None:
+        raise HuayuError(f"--quantization-bit quantizes a trained base model: '{spec}' is a preset, initialised at "
+                         "random")
     torch.manual_seed(seed)
-    model = (transformers.AutoModelForSequenceClassification if classes else family.auto()).from_config(config)
+    auto = transformers.AutoModelForSequenceClassification if classes else family.auto()
+    model = auto.from_config(config, **{k: v for k, v in options.items() if k == "attn_implementation"})
+    dtype = options.get("dtype", dtype)
     return model.to(dtype) if dtype is not None else model
 
 

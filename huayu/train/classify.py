@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from huayu.config import add_config_arguments, config_from_args, field_doc
+from huayu.data.batching import to_device
 from huayu.data.classification import HEADERS, Labelled
 from huayu.data.cloze import DEFAULT_PATTERN
 from huayu.errors import HuayuError
@@ -105,11 +106,11 @@ def dev_metrics(model, examples: list, collate, batch_size: int, num_labels: int
     confusion = torch.zeros((num_labels, num_labels), dtype=torch.long)  # gold x predicted
     loss_sum = 0.0
     for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start:start + batch_size])
+        batch = to_device(collate(examples[start:start + batch_size]), model.device)
         with torch.no_grad():
             loss, logits = forward(model, batch)
         loss_sum += loss.item() * len(batch["labels"])
-        predicted = logits.argmax(dim=-1)
+        batch, predicted = to_device(batch, "cpu"), logits.argmax(dim=-1).cpu()
         confusion += torch.bincount(batch["labels"] * num_labels + predicted,
                                     minlength=num_labels * num_labels).view(num_labels, num_labels)
     true_pos = confusion.diag().double()

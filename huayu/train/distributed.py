@@ -1,11 +1,12 @@
-"""Data-parallel training (DDP) over several processes, when `torchrun` launches the command.
+"""Where the one loop trains: the device, mixed precision and data parallelism, through accelerate.
 
-torchrun (and `accelerate launch --multi_gpu`, which runs torchrun) gives every process RANK,
-WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. With WORLD_SIZE > 1 `session()` joins the
-processes in a gloo group (the loop trains on CPU, so its tensors are CPU tensors: gloo, not nccl),
-and the loop runs the model through DistributedDataParallel, which starts every rank from rank 0's
+`accelerator()` gives the loop an `accelerate.Accelerator` for `--device` (auto: CUDA when there is
+one) and `--bf16` / `--fp16`. Launched by `torchrun` or `accelerate launch` (RANK, WORLD_SIZE, ...),
+`session()` joins the processes through accelerate's PartialState (gloo on CPU, NCCL on GPUs) and the
+accelerator wraps the model in DistributedDataParallel, which starts every rank from rank 0's
 weights and averages gradients. Without those variables every function here is the single-process
-identity, so a plain run does exactly what it did before.
+identity. (FSDP and DeepSpeed launches are refused until the loop saves and resumes their sharded
+states.)
 
 `--batch-size` is per process (the Hugging Face / LLaMA-Factory convention): an optimiser step
 sees batch_size x world size x grad_accum examples. Only rank 0 writes files (outputs, logs,
@@ -46,8 +47,8 @@ def _check_launch() -> None:
     single-process CPU trap is a note."""
     for variable, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
         if os.environ.get(variable, "").lower() in ("1", "true"):
-            raise HuayuError(f"{what} was requested (accelerate config), but huayu's training loop does plain DDP "
-                             "on CPU: launch with torchrun (see docs/distributed.md)")
+            raise HuayuError(f"{what} was requested (accelerate config), but huayu's training loop does not save "
+                             f"and resume {what}'s sharded states yet: launch DDP (docs/distributed.md)")
     mpi_size = os.environ.get("OMPI_COMM_WORLD_SIZE") or os.environ.get("PMI_SIZE")
     if mpi_size and int(mpi_size) > 1 and "WORLD_SIZE" not in os.environ:
         raise HuayuError(f"launched by mpirun ({mpi_size} processes): huayu reads torchrun's RANK/WORLD_SIZE, so each "
@@ -58,22 +59,35 @@ def _check_launch() -> None:
               file=sys.stderr)
 
 
+def resolve_device(device: str) -> str:
+    """`--device`: auto is CUDA when there is one, else the CPU; cuda without one is an error."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise HuayuError(f"--device must be auto, cpu or cuda, got '{device}'")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise HuayuError("--device cuda, but torch sees no CUDA GPU (a CPU build of torch, or no driver): "
+                         "install torch for CUDA (README, GPUs) or train with --device cpu")
+    return device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 @contextmanager
-def session():
-    """The process group of a torchrun launch for the duration of a command (inside one already
-    joined: that one). Ranks other than 0 keep quiet on stdout (their errors still reach stderr),
-    so lines are printed once."""
+def session(device: str = "auto"):
+    """The process group of a torchrun / accelerate launch for the duration of a command (inside
+    one already joined: that one). Ranks other than 0 keep quiet on stdout (their errors still
+    reach stderr), so lines are printed once."""
+    from accelerate import PartialState
+
     _check_launch()
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
         yield
         return
-    torch.distributed.init_process_group("gloo", timeout=WAIT_TIMEOUT)
+    PartialState(cpu=resolve_device(device) == "cpu", timeout=WAIT_TIMEOUT)
     try:
         with open(os.devnull, "w") as devnull, redirect_stdout(devnull) if not is_main() else nullcontext():
             yield
     finally:
         gc.collect()  # DDP's reducer, kept alive by reference cycles, must go before its group (else: abort at exit)
         torch.distributed.destroy_process_group()
+        PartialState._reset_state()
 
 
 def barrier() -> None:
@@ -115,10 +129,12 @@ def reduce(means: dict[str, float], sums: dict[str, float]) -> tuple[dict[str, f
     if not torch.distributed.is_initialized():
         return means, sums
     values = torch.tensor([*means.values(), *sums.values()], dtype=torch.float64)
+    if torch.distributed.get_backend() == "nccl":
+        values = values.cuda()
     torch.distributed.all_reduce(values)
-    n = world_size()
-    mean_part, sum_part = values[:len(means)] / n, values[len(means):]
-    return dict(zip(means, mean_part.tolist())), {k: int(v) for k, v in zip(sums, sum_part.tolist())}
+    values = values.cpu()
+    mean_part, sum_part = values[:len(means)] / world_size(), values[len(means):]
+    return dict(zip(means, mean_part.tolist())), dict(zip(sums, sum_part.tolist()))
 
 
 def shard(chunk: torch.Tensor) -> list[int]:
@@ -127,7 +143,7 @@ def shard(chunk: torch.Tensor) -> list[int]:
     return chunk.tensor_split(world_size())[rank()].tolist()
 
 
-class _LossModule(torch.nn.Module):
+class LossModule(torch.nn.Module):
     """`loss_fn(model, batch)` as a module's forward: DDP syncs gradients of what its forward
     computes, and some losses reach the model's parts directly (mlm_loss calls its heads)."""
 
@@ -139,19 +155,27 @@ class _LossModule(torch.nn.Module):
         return self.loss_fn(self.model, batch)
 
 
-class DataParallel:
-    """A batch's (loss, parts) by `loss_fn`, through DistributedDataParallel when several
-    processes train. `accumulating(True)` skips the gradient all-reduce of a micro-batch that is
-    not the step's last (gradients then add up locally and are averaged once)."""
+def check_precision(device: str, bf16: bool, fp16: bool) -> str:
+    """The device `--device` resolves to, once the precision flags are known to suit it."""
+    device = resolve_device(device)
+    if bf16 and fp16:
+        raise HuayuError("--bf16 and --fp16 exclude each other")
+    if fp16 and device == "cpu":
+        raise HuayuError("--fp16 is for GPUs: on a CPU fp16 matmuls are hundreds of times slower; use --bf16")
+    return device
 
-    def __init__(self, model, loss_fn):
-        self.model, self.loss_fn = model, loss_fn
-        # find_unused_parameters: some trainable weights take no part in some losses (BERT's pooler without SOP)
-        self.ddp = torch.nn.parallel.DistributedDataParallel(_LossModule(model, loss_fn), find_unused_parameters=True) \
-            if world_size() > 1 else None
 
-    def __call__(self, batch: dict):
-        return self.ddp(batch) if self.ddp is not None else self.loss_fn(self.model, batch)
+def accelerator(device: str, bf16: bool, fp16: bool):
+    """An Accelerator for `--device` and mixed precision: bf16 autocast, or fp16 autocast with loss
+    scaling (for V100 / T4; never on the CPU, where fp16 matmuls crawl); TF32 matmuls on CUDA."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedDataParallelKwargs
 
-    def accumulating(self, skip_sync: bool):
-        return self.ddp.no_sync() if self.ddp is not None and skip_sync else nullcontext()
+    device = check_precision(device, bf16, fp16)
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    AcceleratorState._reset_state()  # one process may train several times (a recipe), each with its own precision
+    # find_unused_parameters: some trainable weights take no part in some losses (BERT's pooler without SOP)
+    return Accelerator(cpu=device == "cpu", mixed_precision="bf16" if bf16 else "fp16" if fp16 else "no",
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])

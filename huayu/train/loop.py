@@ -5,10 +5,15 @@ owns the optimiser, schedule, logging, checkpoints and exact resume. The data or
 permutation seeded by (seed, e), so a run resumed at optimiser step k sees exactly the batches an
 uninterrupted run would have seen from step k on.
 
-Under torchrun the same loop trains data-parallel (huayu/train/distributed.py): `batch_size` is per
-process, each global micro-batch of batch_size x world size examples of that order is shared out
-between the ranks, and only rank 0 writes files. One process with batch_size x world size per
-micro-batch sees the same examples at every step.
+The loop runs through accelerate (huayu/train/distributed.py): on the CPU or a CUDA GPU, in fp32,
+bf16 or fp16, and under torchrun / accelerate launch data-parallel: `batch_size` is per process,
+each global micro-batch of batch_size x world size examples of that order is shared out between the
+ranks, and only rank 0 writes files. One process with batch_size x world size per micro-batch sees
+the same examples at every step.
+
+A step's loss is token-weighted: every micro-batch of every rank counts by the tokens (or examples)
+its loss averages over, so --grad-accum 4 --batch-size 2 trains on the loss of --batch-size 8 even
+when the batches' lengths differ (transformers' Trainer does the same with num_items_in_batch).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import random
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -27,8 +33,10 @@ from typing import Callable
 import torch
 
 from huayu.config import field_doc, save_config
+from huayu.data.batching import to_device
 from huayu.data.templates import write_template_record
 from huayu.errors import HuayuError
+from huayu.models.families import family_of
 from huayu.train import distributed
 from huayu.train.schedules import SCHEDULES, lr_multiplier
 from huayu.train.state import LEGACY_PICKLE, has_state, load_state, save_state
@@ -49,7 +57,13 @@ class TrainArgs:
     weight_decay: float = field_doc("AdamW weight decay", default=0.01)
     max_grad_norm: float = field_doc("gradient clipping norm (0: off)", default=1.0)
     seed: int = field_doc("seed for initialisation, data order and dropout", default=42)
-    bf16: bool = field_doc("bf16 autocast (fast on CPUs with AVX-512 bf16; never fp16 on CPU)", default=False)
+    device: str = field_doc("auto | cpu | cuda (auto: a CUDA GPU when there is one)", default="auto")
+    bf16: bool = field_doc("bf16 mixed precision (GPUs since Ampere; CPUs with AVX-512 bf16)", default=False)
+    fp16: bool = field_doc("fp16 mixed precision with loss scaling (V100, T4; GPUs only)", default=False)
+    gradient_checkpointing: bool = field_doc("recompute activations in the backward pass: far less memory for "
+                                             "long sequences, about a third more compute", default=False)
+    pure_bf16: bool = field_doc("train a bf16/fp16 model's weights in that precision (no fp32 master weights: "
+                                "half the memory, less exact updates)", default=False)
     log_every: int = field_doc("optimiser steps between log lines", default=10)
     eval_every: int = field_doc("optimiser steps between validation runs (0: at the end)", default=0)
     save_every: int = field_doc("optimiser steps between checkpoints (0: at the end only)", default=0)
@@ -112,17 +126,18 @@ def total_steps(n_examples: int, args: TrainArgs) -> int:
 
 
 @torch.no_grad()
-def evaluate_loss(model, examples, collate, batch_size: int = 8, bf16: bool = False) -> float:
+def evaluate_loss(model, examples, collate, batch_size: int = 8, autocast=nullcontext) -> float:
     """Token-weighted mean loss of `model` over `examples`."""
+    items = family_of(model.config).loss_items
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start:start + batch_size])
-        n = int((batch["labels"][..., 1:] != -100).sum())
+        n = items(batch)
         if n == 0:  # e.g. a 1-token tail block: nothing to predict, and the model's mean would be NaN
             continue
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(**batch).loss.float().item()
+        with autocast():
+            loss = model(**to_device(batch, model.device)).loss.float().item()
         total, count = total + loss * n, count + n
     model.train()
     return total / max(count, 1)
@@ -194,7 +209,10 @@ class _Window:
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():  # dropout on a GPU draws from the device's generator
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def _save_weights(directory: Path, model, tokenizer, chat_trained: bool) -> None:
@@ -275,8 +293,11 @@ def _restore_rng(state: dict, seed: int, start: int) -> None:
         torch.manual_seed(seed + 1_000_003 * start + distributed.rank())
         random.seed(seed + 1_000_003 * start + distributed.rank())
         return
-    torch.set_rng_state(states[distributed.rank()]["torch"])
-    random.setstate(states[distributed.rank()]["python"])
+    mine = states[distributed.rank()]
+    torch.set_rng_state(mine["torch"])
+    random.setstate(mine["python"])
+    if "cuda" in mine and torch.cuda.is_available():
+        torch.cuda.set_rng_state(mine["cuda"])
 
 
 def fit(model, tokenizer, examples: list, collate, args: TrainArgs, out: str | Path, cfg,
@@ -298,7 +319,9 @@ def fit(model, tokenizer, examples: list, collate, args: TrainArgs, out: str | P
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     steps = total_steps(len(examples), args)
+    accelerator = distributed.accelerator(args.device, args.bf16, args.fp16)
     optimizer = _make_optimizer(model, args)
+    wrapped, optimizer = accelerator.prepare(distributed.LossModule(model, loss_fn), optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_multiplier(args.schedule, s, steps, args.warmup_steps, args.min_lr / args.lr))
     start = 0
@@ -316,7 +339,7 @@ def fit(model, tokenizer, examples: list, collate, args: TrainArgs, out: str | P
             return json.loads((out / "train_result.json").read_text(encoding="utf-8"))
     log = _Log(out, start) if main else None
     model.train()
-    train_step = distributed.DataParallel(model, loss_fn)
+    items = family_of(model.config).loss_items
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                mininterval=0.2 if sys.stderr.isatty() else 10, disable=not main)
     batches = _batches(len(examples), args, start * args.grad_accum)
@@ -324,25 +347,32 @@ def fit(model, tokenizer, examples: list, collate, args: TrainArgs, out: str | P
     window = _Window()
     last_loss, eval_metrics = float("nan"), None
     for step in range(start + 1, steps + 1):
-        losses, seqs, tokens = {"loss": 0.0}, 0, 0  # this rank's, losses as means over its micro-batches
-        for micro in range(args.grad_accum):
-            _, idx = next(batches)
-            batch = collate([examples[i] for i in idx])
-            with train_step.accumulating(skip_sync=micro < args.grad_accum - 1):
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                    loss, parts = train_step(batch)
-                (loss / args.grad_accum).backward()
-            for key, value in {"loss": loss.item(), **parts}.items():
-                losses[key] = losses.get(key, 0.0) + value / args.grad_accum
-            seqs, tokens = seqs + len(batch["input_ids"]), tokens + int(batch["attention_mask"].sum())
-        losses, counts = distributed.reduce(losses, {"seqs": seqs, "tokens": tokens})
+        micro = [collate([examples[i] for i in next(batches)[1]]) for _ in range(args.grad_accum)]
+        counts = [items(batch) for batch in micro]
+        # the step's loss averages over every item of every micro-batch of every rank
+        _, total = distributed.reduce({}, {"items": sum(counts)})
+        parts_sum, loss_sum = {}, 0.0  # this rank's: parts as means over its micro-batches
+        for k, (batch, count) in enumerate(zip(micro, counts)):
+            weight = count / max(total["items"], 1)
+            with accelerator.no_sync(wrapped) if k < len(micro) - 1 else nullcontext():
+                with accelerator.autocast():
+                    loss, parts = wrapped(to_device(batch, accelerator.device))
+                # DDP averages gradients over the ranks, so each rank's share is scaled back up
+                accelerator.backward(loss * weight * accelerator.num_processes)
+            loss_sum += loss.item() * weight
+            for key, value in parts.items():
+                parts_sum[key] = parts_sum.get(key, 0.0) + value / len(micro)
+        losses, sums = distributed.reduce(parts_sum, {"loss": loss_sum, "seqs": sum(len(b["input_ids"]) for b in micro),
+                                                      "tokens": sum(int(b["attention_mask"].sum()) for b in micro)})
+        losses = {"loss": sums["loss"], **losses}
         if args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            accelerator.clip_grad_norm_(wrapped.parameters(), args.max_grad_norm)
         optimizer.step()
-        scheduler.step()
+        if not accelerator.optimizer_step_was_skipped:  # fp16 loss scaling skips a step that overflowed
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         last_loss = losses["loss"]
-        window.add_step(losses, counts["seqs"], counts["tokens"])
+        window.add_step(losses, int(sums["seqs"]), int(sums["tokens"]))
         lr = scheduler.get_last_lr()[0]
         bar.update(1)
         bar.set_postfix(step_loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{window.rates()['tokens_per_s']:,.0f}",
@@ -357,7 +387,7 @@ def fit(model, tokenizer, examples: list, collate, args: TrainArgs, out: str | P
             window = _Window()
         if validates and ((args.eval_every and step % args.eval_every == 0) or step == steps):
             if main:
-                eval_metrics = _validate(model, eval_examples, collate, args, evaluation)
+                eval_metrics = _validate(model, eval_examples, collate, args, evaluation, accelerator.autocast)
                 log.write(step, **{f"eval_{k}": v for k, v in eval_metrics.items()})
                 tqdm.write(f"step {step}: " + "  ".join(f"eval_{k} {v:.4f}" for k, v in eval_metrics.items()))
                 if evaluation is not None and evaluation.best and eval_metrics[evaluation.best] > _best_so_far(
@@ -390,13 +420,14 @@ def fit(model, tokenizer, examples: list, collate, args: TrainArgs, out: str | P
     return result
 
 
-def _validate(model, eval_examples, collate, args: TrainArgs, evaluation: Evaluation | None) -> dict[str, float]:
+def _validate(model, eval_examples, collate, args: TrainArgs, evaluation: Evaluation | None,
+              autocast) -> dict[str, float]:
     """The validation metrics: the stage's own, or the loss (and perplexity) on `eval_examples`."""
     if evaluation is None:
-        eval_loss = evaluate_loss(model, eval_examples, collate, args.batch_size, args.bf16)
+        eval_loss = evaluate_loss(model, eval_examples, collate, args.batch_size, autocast)
         return {"loss": eval_loss, "ppl": math.exp(min(eval_loss, 50))}
     model.eval()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+    with torch.no_grad(), autocast():
         metrics = evaluation.run(model)
     model.train()
     return metrics

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from huayu.config import add_config_arguments, config_from_args, field_doc
+from huayu.data.batching import to_device
 from huayu.data.blank_infilling import BlankArgs
 from huayu.data.cache import DataCacheConfig, add_no_cache_flag
 from huayu.data.whole_word_masking import MaskingArgs
@@ -171,7 +172,7 @@ def fixed_mask_validation(model, samples, collate, loss_fn, batch_size: int, see
     sums: dict[str, float] = {}
     batches = range(0, len(samples), batch_size)
     for start in batches:
-        loss, parts = loss_fn(model, collate(samples[start:start + batch_size]))
+        loss, parts = loss_fn(model, to_device(collate(samples[start:start + batch_size]), model.device))
         for key, value in {"loss": loss.item(), **parts}.items():
             sums[key] = sums.get(key, 0.0) + value / len(batches)
     torch.set_rng_state(state)

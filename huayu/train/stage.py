@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 from huayu.config import field_doc
 from huayu.errors import HuayuError
+from huayu.models.loading import LoadingArgs
 from huayu.outputs import OVERWRITE_HELP, check_output_dir, claim_output_dir, output_owner
 from huayu.train import distributed
 from huayu.train.loop import CHECKPOINTS, Evaluation, LossFn, TrainArgs, fit, latest_checkpoint, model_loss
@@ -27,6 +29,7 @@ class StageConfig:
                                    default=False)
     overwrite: bool = field_doc(OVERWRITE_HELP, default=False)
     finetuning: FinetuningArgs = field_doc("which weights to train", default_factory=FinetuningArgs)
+    loading: LoadingArgs = field_doc("how the model is loaded", default_factory=LoadingArgs)
     train: TrainArgs = field_doc("optimisation", default_factory=TrainArgs)
 
 
@@ -58,6 +61,11 @@ def check(cfg: StageConfig, command: str) -> None:
     if not cfg.data:
         raise HuayuError("no training data: pass --data PATH")
     check_finetuning(cfg.finetuning)
+    if cfg.loading.quantization_bit is not None and cfg.finetuning.finetuning_type != "lora":
+        raise HuayuError(f"--quantization-bit trains a LoRA adapter on a quantized base (QLoRA): use "
+                         f"--finetuning-type lora, not {cfg.finetuning.finetuning_type}")
+    cfg.loading.check()
+    distributed.check_precision(cfg.train.device, cfg.train.bf16, cfg.train.fp16)
     if is_adapter_dir(cfg.model):
         raise HuayuError(f"--model '{cfg.model}' is an adapter: merge it into its base first "
                          f"(huayu export merge BASE {cfg.model} --out DIR) and train DIR")
@@ -85,7 +93,7 @@ def run_stage(cfg: StageConfig, command: str, build_examples, chat_trained: bool
     outputs then record. Under torchrun every process runs this; rank 0 builds (and caches) the
     examples first."""
     check(cfg, command)
-    with distributed.session():
+    with distributed.session(cfg.train.device):
         return _run_stage(cfg, command, build_examples, chat_trained)
 
 
@@ -125,12 +133,44 @@ def trainable_model(cfg: StageConfig, tokenizer, ckpt: Path | None, classes: lis
     with the same trainable parameters, so the saved optimiser state fits them."""
     from huayu.models.loading import is_adapter_dir, load_model
 
+    options = dict(classes=classes, loading=cfg.loading, prepare_base=lambda base: for_training(base, cfg))
     if ckpt is None:
-        return apply_finetuning(load_model(cfg.model, tokenizer, seed=cfg.train.seed, classes=classes), cfg.finetuning)
+        return apply_finetuning(load_model(cfg.model, tokenizer, seed=cfg.train.seed, **options), cfg.finetuning)
     check_same_method(cfg, ckpt)
     if is_adapter_dir(ckpt):
-        return load_model(cfg.model, tokenizer, adapter=str(ckpt), trainable_adapter=True, classes=classes)
-    return apply_finetuning(load_model(str(ckpt), tokenizer, classes=classes), cfg.finetuning)
+        return load_model(cfg.model, tokenizer, adapter=str(ckpt), trainable_adapter=True, **options)
+    return apply_finetuning(load_model(str(ckpt), tokenizer, **options), cfg.finetuning)
+
+
+def for_training(model, cfg: StageConfig):
+    """The loaded base made ready to train: k-bit layers prepared (QLoRA), gradient checkpointing
+    (with the input-grad hook that lets an adapter's gradients through a frozen, checkpointed
+    base), and fp32 master weights for what trains in full unless --pure-bf16 says otherwise."""
+    import torch
+
+    if cfg.loading.quantization_bit is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+    elif cfg.train.gradient_checkpointing:
+        if not model.supports_gradient_checkpointing:
+            raise HuayuError(f"--gradient-checkpointing: {model.config.model_type} models do not support it")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.finetuning.uses_adapter:
+            model.enable_input_require_grads()
+    if cfg.train.gradient_checkpointing:
+        model.config.use_cache = False  # a cache is useless in training and conflicts with recomputation
+    half = {p.dtype for p in model.parameters()} & {torch.bfloat16, torch.float16}
+    if cfg.train.pure_bf16:
+        print("warning: --pure-bf16: weights, gradients and optimiser state in bf16; small updates may be "
+              "rounded away", file=sys.stderr)
+        return model.to(torch.bfloat16) if cfg.loading.quantization_bit is None else model
+    if half and not cfg.finetuning.uses_adapter:
+        print(f"note: the model's weights are {', '.join(sorted(str(d) for d in half))}: training them with fp32 "
+              "master weights (--bf16 computes in bf16; --pure-bf16 keeps them in bf16 to halve their memory)",
+              file=sys.stderr)
+        return model.float()
+    return model
 
 
 def check_same_method(cfg: StageConfig, ckpt: Path) -> None:
