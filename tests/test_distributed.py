@@ -168,10 +168,54 @@ def test_accelerate_launch_multi_gpu_runs_the_same_ddp_on_cpu(tmp_path, tokenize
     assert written_by(records, 1) == "" and "model.safetensors" in written_by(records, 0)
 
 
-@pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
-def test_fsdp_or_deepspeed_launch_is_refused(variable, monkeypatch, tmp_path, tokenizer_dir, capsys):
-    """An accelerate config asking for FSDP/DeepSpeed would be silently ignored by the DDP loop: an error."""
-    monkeypatch.setenv(variable, "true")
+def test_accelerate_launch_with_the_shipped_fsdp_config_shards_the_model(tmp_path, tokenizer_dir):
+    data, out = write_texts(tmp_path / "t.txt", TEXTS * 64), tmp_path / "out"
+    config = Path(__file__).parents[1] / "examples" / "accelerate" / "fsdp.yaml"
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                  "--num_processes", "2", "--main_process_port", "0"]
+    proc = launch(tmp_path, accelerate, pretrain_args(tokenizer_dir, data, out, GLOBAL_BATCH // 2, steps=2), [out],
+                  tmp_path / "writes")
+    assert "FSDP: parameters, gradients and optimiser state sharded over 2 processes" in proc.stdout
+    assert json.loads((out / "train_result.json").read_text())["steps"] == 2
+
+
+def test_a_deepspeed_launch_is_refused(monkeypatch, tmp_path, tokenizer_dir, capsys):
+    """An accelerate config asking for DeepSpeed would be silently ignored by the loop: an error."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     data = write_texts(tmp_path / "t.txt")
     assert main(pretrain_args(tokenizer_dir, data, tmp_path / "out", 2)) == 1
-    assert "sharded states" in capsys.readouterr().err
+    assert "shard with FSDP instead" in capsys.readouterr().err
+
+
+def test_fsdp_over_two_processes_trains_like_one_and_resumes(tmp_path, tokenizer_dir):
+    """FSDP2 on gloo: parameters, gradients and optimiser state sharded over 2 processes give the
+    one-process losses; its checkpoints are whole (they resume sharded again, and the final model
+    loads with plain transformers)."""
+    from transformers import AutoModelForCausalLM
+
+    data = write_texts(tmp_path / "t.txt", TEXTS * 64)
+    single, fsdp = tmp_path / "single", tmp_path / "fsdp"
+    assert main(pretrain_args(tokenizer_dir, data, single, GLOBAL_BATCH)) == 0
+    cache, records = tmp_path / "cache", tmp_path / "writes"
+    torchrun(tmp_path, pretrain_args(tokenizer_dir, data, fsdp, GLOBAL_BATCH // 2, ["--cache-dir", str(cache), "--fsdp"]),
+             [fsdp, cache], records)
+    expected, got = train_losses(single), train_losses(fsdp)
+    difference = max(abs(a - b) for a, b in zip(expected, got))
+    print(f"FSDP: max train-loss difference over {STEPS} steps: {difference:.2e}")
+    assert difference < 1e-4
+    assert json.loads((fsdp / "train_result.json").read_text())["eval_loss"] == pytest.approx(
+        json.loads((single / "train_result.json").read_text())["eval_loss"], abs=1e-4)
+    assert written_by(records, 1) == ""
+    plain = AutoModelForCausalLM.from_pretrained(fsdp)
+    reference = AutoModelForCausalLM.from_pretrained(single)
+    assert max(float((a - b).abs().max()) for a, b in zip(plain.parameters(), reference.parameters())) < 1e-3
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(fsdp, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-6")
+    (resumed / "train_result.json").unlink()
+    proc = torchrun(tmp_path, pretrain_args(tokenizer_dir, data, resumed, GLOBAL_BATCH // 2,
+                                            ["--cache-dir", str(cache), "--fsdp", "--resume"]), [resumed, cache],
+                    tmp_path / "resume-writes")
+    assert "step 3 of 6" in proc.stdout
+    assert train_losses(resumed) == pytest.approx(got, abs=1e-5)

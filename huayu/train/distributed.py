@@ -5,8 +5,10 @@ one) and `--bf16` / `--fp16`. Launched by `torchrun` or `accelerate launch` (RAN
 `session()` joins the processes through accelerate's PartialState (gloo on CPU, NCCL on GPUs) and the
 accelerator wraps the model in DistributedDataParallel, which starts every rank from rank 0's
 weights and averages gradients. Without those variables every function here is the single-process
-identity. (FSDP and DeepSpeed launches are refused until the loop saves and resumes their sharded
-states.)
+identity. With `--fsdp` (or an accelerate FSDP config) `shard_model()` splits parameters, gradients and
+optimiser state over the processes with torch's FSDP2 instead (full shard, one unit per decoder
+layer); checkpoints gather them into whole ones, which resume under any number of processes and
+load with plain transformers. (DeepSpeed launches are refused: see docs/distributed.md.)
 
 `--batch-size` is per process (the Hugging Face / LLaMA-Factory convention): an optimiser step
 sees batch_size x world size x grad_accum examples. Only rank 0 writes files (outputs, logs,
@@ -45,10 +47,9 @@ def is_main() -> bool:
 def _check_launch() -> None:
     """Launches the loop would get silently wrong are errors (FSDP/DeepSpeed configs, mpirun); accelerate's
     single-process CPU trap is a note."""
-    for variable, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if os.environ.get(variable, "").lower() in ("1", "true"):
-            raise HuayuError(f"{what} was requested (accelerate config), but huayu's training loop does not save "
-                             f"and resume {what}'s sharded states yet: launch DDP (docs/distributed.md)")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        raise HuayuError("DeepSpeed was requested (accelerate config), but huayu's loop does not run DeepSpeed's "
+                         "engine yet: shard with FSDP instead (examples/accelerate/fsdp.yaml, docs/distributed.md)")
     mpi_size = os.environ.get("OMPI_COMM_WORLD_SIZE") or os.environ.get("PMI_SIZE")
     if mpi_size and int(mpi_size) > 1 and "WORLD_SIZE" not in os.environ:
         raise HuayuError(f"launched by mpirun ({mpi_size} processes): huayu reads torchrun's RANK/WORLD_SIZE, so each "
@@ -155,6 +156,64 @@ class LossModule(torch.nn.Module):
         return self.loss_fn(self.model, batch)
 
 
+def fsdp_requested(flag: bool) -> bool:
+    """--fsdp, or `accelerate launch` with an FSDP config (which says so in the environment)."""
+    return flag or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+
+
+def shard_model(model, device, bf16: bool) -> None:
+    """FSDP2 over every process: each decoder layer (the model's `_no_split_modules` classes, or
+    accelerate's FSDP_TRANSFORMER_CLS_TO_WRAP) is a unit whose parameters are gathered just for its
+    forward and backward, then the rest of the model; bf16 computes in bf16, reduces in fp32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    names = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "")
+    names = {n.strip() for n in names.split(",") if n.strip()} or set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise HuayuError(f"--fsdp: no decoder layers to shard by in {type(model).__name__} (looked for "
+                         f"{', '.join(sorted(names)) or 'its _no_split_modules'}): set fsdp_transformer_layer_cls_to_wrap")
+    model.to(device)
+    mesh = init_device_mesh(torch.device(device).type, (world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+        MixedPrecisionPolicy()
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    print(f"FSDP: parameters, gradients and optimiser state sharded over {world_size()} processes, "
+          f"{len(layers)} {type(layers[0]).__name__} units")
+
+
+def whole_model_state(model, sharded: bool) -> dict | None:
+    """The model's state gathered from the ranks' shards, on rank 0's CPU (every rank must call
+    this); None unsharded: the model saves its own."""
+    if not sharded:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def whole_optimizer_state(model, optimizer, sharded: bool) -> dict:
+    """The optimiser's state with whole tensors (sharded: gathered to rank 0; every rank calls)."""
+    if not sharded:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model, optimizer, state: dict, sharded: bool) -> None:
+    """A whole optimiser state (whole_optimizer_state) put back: sharded, each rank keeps its part."""
+    if not sharded:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
 def check_precision(device: str, bf16: bool, fp16: bool) -> str:
     """The device `--device` resolves to, once the precision flags are known to suit it."""
     device = resolve_device(device)
@@ -176,6 +235,11 @@ def accelerator(device: str, bf16: bool, fp16: bool):
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     AcceleratorState._reset_state()  # one process may train several times (a recipe), each with its own precision
-    # find_unused_parameters: some trainable weights take no part in some losses (BERT's pooler without SOP)
-    return Accelerator(cpu=device == "cpu", mixed_precision="bf16" if bf16 else "fp16" if fp16 else "no",
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    fsdp = os.environ.pop("ACCELERATE_USE_FSDP", None)  # huayu shards the model itself (shard_model)
+    try:
+        # find_unused_parameters: some trainable weights take no part in some losses (BERT's pooler without SOP)
+        return Accelerator(cpu=device == "cpu", mixed_precision="bf16" if bf16 else "fp16" if fp16 else "no",
+                           kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    finally:
+        if fsdp is not None:
+            os.environ["ACCELERATE_USE_FSDP"] = fsdp

@@ -62,6 +62,8 @@ class TrainArgs:
     fp16: bool = field_doc("fp16 mixed precision with loss scaling (V100, T4; GPUs only)", default=False)
     gradient_checkpointing: bool = field_doc("recompute activations in the backward pass: far less memory for "
                                              "long sequences, about a third more compute", default=False)
+    fsdp: bool = field_doc("shard parameters, gradients and optimiser state over the processes (FSDP2, one unit "
+                           "per decoder layer); on by itself under an accelerate FSDP config", default=False)
     pure_bf16: bool = field_doc("train a bf16/fp16 model's weights in that precision (no fp32 master weights: "
                                 "half the memory, less exact updates)", default=False)
     log_every: int = field_doc("optimiser steps between log lines", default=10)
@@ -215,25 +217,27 @@ def _rng_state() -> dict:
     return state
 
 
-def _save_weights(directory: Path, model, tokenizer, chat_trained: bool) -> None:
-    """Model (or adapter) and tokenizer; for chat training also the record of its template."""
-    model.save_pretrained(directory)
+def _save_weights(directory: Path, model, tokenizer, chat_trained: bool, weights: dict | None = None) -> None:
+    """Model (or adapter) and tokenizer; for chat training also the record of its template.
+    `weights`: the model's state gathered from its shards (FSDP), else the model's own."""
+    model.save_pretrained(directory, state_dict=weights)
     tokenizer.save_pretrained(directory)
     if chat_trained:
         write_template_record(directory, tokenizer)
 
 
-def _save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler, cfg, keep: int,
+def _save_checkpoint(out: Path, step: int, model, tokenizer, states: tuple, scheduler, cfg, keep: int,
                      chat_trained: bool, rng_by_rank: list[dict]):
     """Write `out/checkpoints/step-N` atomically: build it under a temp name, then rename. For a
     peft model the weights are its adapter; resuming puts it back on the run's base model.
-    `rng_by_rank`: every process's random state, so each one's dropout and masking resume exactly."""
+    `states`: the model's (None: its own) and the optimiser's, whole; `rng_by_rank`: every
+    process's random state, so each one's dropout and masking resume exactly."""
     root = out / CHECKPOINTS
     final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
-    _save_weights(tmp, model, tokenizer, chat_trained)
+    _save_weights(tmp, model, tokenizer, chat_trained, states[0])
     save_config(cfg, tmp / "config.yaml")
-    save_state(tmp, {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    save_state(tmp, {"step": step, "optimizer": states[1], "scheduler": scheduler.state_dict(),
                      "rng_by_rank": rng_by_rank})
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -250,22 +254,22 @@ def _replace_files(source: Path, out: Path) -> None:
             os.replace(tmp, out / f.name)
 
 
-def _save_final(out: Path, model, tokenizer, chat_trained: bool) -> None:
+def _save_final(out: Path, model, tokenizer, chat_trained: bool, weights: dict | None) -> None:
     """Save the final model into `out/`, each file moved into place atomically. A peft model
     saves its adapter (adapter_config.json + adapter_model.safetensors), which with the tokenizer
     beside it loads with `PeftModel.from_pretrained(base, out)` or `huayu chat out`."""
     tmp = out / ".tmp-final"
     shutil.rmtree(tmp, ignore_errors=True)
-    _save_weights(tmp, model, tokenizer, chat_trained)
+    _save_weights(tmp, model, tokenizer, chat_trained, weights)
     for f in tmp.iterdir():
         os.replace(f, out / f.name)
     tmp.rmdir()
 
 
-def _save_best(out: Path, model, tokenizer, metrics: dict, chat_trained: bool) -> None:
+def _save_best(out: Path, model, tokenizer, metrics: dict, chat_trained: bool, weights: dict | None) -> None:
     tmp, final = out / f".tmp-{BEST}", out / BEST
     shutil.rmtree(tmp, ignore_errors=True)
-    _save_weights(tmp, model, tokenizer, chat_trained)
+    _save_weights(tmp, model, tokenizer, chat_trained, weights)
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -320,8 +324,12 @@ def fit(model, tokenizer, examples: list, collate, args: TrainArgs, out: str | P
         save_config(cfg, out / "config.yaml")
     steps = total_steps(len(examples), args)
     accelerator = distributed.accelerator(args.device, args.bf16, args.fp16)
-    optimizer = _make_optimizer(model, args)
-    wrapped, optimizer = accelerator.prepare(distributed.LossModule(model, loss_fn), optimizer)
+    sharded = distributed.fsdp_requested(args.fsdp) and distributed.world_size() > 1
+    if sharded:  # FSDP2 replaces the parameters by shards: the optimiser must be made after it
+        distributed.shard_model(model, accelerator.device, args.bf16)
+        wrapped, optimizer = distributed.LossModule(model, loss_fn), accelerator.prepare(_make_optimizer(model, args))
+    else:
+        wrapped, optimizer = accelerator.prepare(distributed.LossModule(model, loss_fn), _make_optimizer(model, args))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_multiplier(args.schedule, s, steps, args.warmup_steps, args.min_lr / args.lr))
     start = 0
@@ -329,7 +337,7 @@ def fit(model, tokenizer, examples: list, collate, args: TrainArgs, out: str | P
     random.seed(args.seed + distributed.rank())
     if resume_from is not None:
         state = load_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
+        distributed.load_optimizer_state(model, optimizer, state["optimizer"], sharded)
         scheduler.load_state_dict(state["scheduler"])
         start = state["step"]
         _restore_rng(state, args.seed, start)
@@ -340,6 +348,7 @@ def fit(model, tokenizer, examples: list, collate, args: TrainArgs, out: str | P
     log = _Log(out, start) if main else None
     model.train()
     items = family_of(model.config).loss_items
+
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                mininterval=0.2 if sys.stderr.isatty() else 10, disable=not main)
     batches = _batches(len(examples), args, start * args.grad_accum)
@@ -386,27 +395,33 @@ def fit(model, tokenizer, examples: list, collate, args: TrainArgs, out: str | P
                            f"{values['seqs_per_s']:,.1f} seqs/s  {values['tokens_per_s']:,.0f} tokens/s")
             window = _Window()
         if validates and ((args.eval_every and step % args.eval_every == 0) or step == steps):
-            if main:
+            if main or sharded:  # a sharded model's forward needs every rank
                 eval_metrics = _validate(model, eval_examples, collate, args, evaluation, accelerator.autocast)
+            best = main and evaluation is not None and evaluation.best and \
+                eval_metrics[evaluation.best] > _best_so_far(out, evaluation.best)
+            weights = distributed.whole_model_state(model, sharded) if distributed.from_main(best) else None
+            if main:
                 log.write(step, **{f"eval_{k}": v for k, v in eval_metrics.items()})
                 tqdm.write(f"step {step}: " + "  ".join(f"eval_{k} {v:.4f}" for k, v in eval_metrics.items()))
-                if evaluation is not None and evaluation.best and eval_metrics[evaluation.best] > _best_so_far(
-                        out, evaluation.best):
-                    _save_best(out, model, tokenizer, {"step": step, **eval_metrics}, chat_trained)
+                if best:
+                    _save_best(out, model, tokenizer, {"step": step, **eval_metrics}, chat_trained, weights)
                     tqdm.write(f"step {step}: best {evaluation.best} so far, saved to {out / BEST}")
             eval_metrics = distributed.from_main(eval_metrics)
         if (args.save_every and step % args.save_every == 0) or step == steps:
             rng_by_rank = distributed.gather(_rng_state())
+            states = (distributed.whole_model_state(model, sharded),
+                      distributed.whole_optimizer_state(model, optimizer, sharded))
             if main:
-                _save_checkpoint(out, step, model, tokenizer, optimizer, scheduler, cfg, args.save_total_limit,
+                _save_checkpoint(out, step, model, tokenizer, states, scheduler, cfg, args.save_total_limit,
                                  chat_trained, rng_by_rank)
             distributed.barrier()
     bar.close()
     result = {"steps": steps, "train_loss": last_loss}
     if eval_metrics is not None:
         result.update({f"eval_{k}": v for k, v in eval_metrics.items()})
+    weights = distributed.whole_model_state(model, sharded)
     if main:
-        _save_final(out, model, tokenizer, chat_trained)
+        _save_final(out, model, tokenizer, chat_trained, weights)
         if evaluation is not None and evaluation.best and (out / BEST).is_dir():
             _replace_files(out / BEST, out)  # the final model is the best one
             best = json.loads((out / BEST / "metrics.json").read_text(encoding="utf-8"))
