@@ -174,6 +174,7 @@ def shard_model(model, device, bf16: bool) -> None:
     if not layers:
         raise HuayuError(f"--fsdp: no decoder layers to shard by in {type(model).__name__} (looked for "
                          f"{', '.join(sorted(names)) or 'its _no_split_modules'}): set fsdp_transformer_layer_cls_to_wrap")
+    kinds = sorted({type(m).__name__ for m in layers})  # before fully_shard renames their classes
     model.to(device)
     mesh = init_device_mesh(torch.device(device).type, (world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
@@ -182,7 +183,7 @@ def shard_model(model, device, bf16: bool) -> None:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     print(f"FSDP: parameters, gradients and optimiser state sharded over {world_size()} processes, "
-          f"{len(layers)} {type(layers[0]).__name__} units")
+          f"{len(layers)} units ({', '.join(kinds)})")
 
 
 def whole_model_state(model, sharded: bool) -> dict | None:
