@@ -79,3 +79,19 @@ def test_a_bf16_checkpoint_trains_with_fp32_master_weights_unless_pure_bf16(tmp_
 def test_sft_trains_on_the_gpu_in_bf16(tmp_path, tiny_model_dir):
     data = write_conversations(tmp_path / "d.jsonl")
     assert main(sft(tiny_model_dir, data, tmp_path / "out", "--device", "cuda", "--bf16")) == 0
+
+
+def test_with_bf16_autocast_only_the_trained_weights_get_fp32_masters(tmp_path, tokenizer):
+    from safetensors.torch import load_file
+
+    from huayu.models.loading import load_model
+
+    base = tmp_path / "bf16"
+    load_model("tiny", tokenizer, seed=0).to(torch.bfloat16).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    data = write_conversations(tmp_path / "d.jsonl")
+    assert main(sft(str(base), data, tmp_path / "freeze", "--finetuning-type", "freeze",
+                    "--freeze-trainable-layers", "1", "--bf16")) == 0
+    dtypes = {k: v.dtype for k, v in load_file(tmp_path / "freeze" / "model.safetensors").items()}
+    assert dtypes["model.layers.3.mlp.up_proj.weight"] == torch.float32  # trained: fp32 master
+    assert dtypes["model.layers.0.mlp.up_proj.weight"] == torch.bfloat16  # frozen: as loaded

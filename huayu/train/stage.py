@@ -135,19 +135,17 @@ def trainable_model(cfg: StageConfig, tokenizer, ckpt: Path | None, classes: lis
 
     options = dict(classes=classes, loading=cfg.loading, prepare_base=lambda base: for_training(base, cfg))
     if ckpt is None:
-        return apply_finetuning(load_model(cfg.model, tokenizer, seed=cfg.train.seed, **options), cfg.finetuning)
-    check_same_method(cfg, ckpt)
-    if is_adapter_dir(ckpt):
-        return load_model(cfg.model, tokenizer, adapter=str(ckpt), trainable_adapter=True, **options)
-    return apply_finetuning(load_model(str(ckpt), tokenizer, **options), cfg.finetuning)
+        model = apply_finetuning(load_model(cfg.model, tokenizer, seed=cfg.train.seed, **options), cfg.finetuning)
+    else:
+        check_same_method(cfg, ckpt)
+        model = load_model(cfg.model, tokenizer, adapter=str(ckpt), trainable_adapter=True, **options) \
+            if is_adapter_dir(ckpt) else apply_finetuning(load_model(str(ckpt), tokenizer, **options), cfg.finetuning)
+    return with_master_weights(model, cfg)
 
 
 def for_training(model, cfg: StageConfig):
     """The loaded base made ready to train: k-bit layers prepared (QLoRA), gradient checkpointing
-    (with the input-grad hook that lets an adapter's gradients through a frozen, checkpointed
-    base), and fp32 master weights for what trains in full unless --pure-bf16 says otherwise."""
-    import torch
-
+    (with the input-grad hook that lets an adapter's gradients through a frozen, checkpointed base)."""
     if cfg.loading.quantization_bit is not None:
         from peft import prepare_model_for_kbit_training
 
@@ -160,16 +158,29 @@ def for_training(model, cfg: StageConfig):
             model.enable_input_require_grads()
     if cfg.train.gradient_checkpointing:
         model.config.use_cache = False  # a cache is useless in training and conflicts with recomputation
-    half = {p.dtype for p in model.parameters()} & {torch.bfloat16, torch.float16}
+    return model
+
+
+def with_master_weights(model, cfg: StageConfig):
+    """fp32 master weights for trained bf16/fp16 weights, unless --pure-bf16 (said, never silent).
+    With --bf16 autocast only the trained weights are upcast (a frozen base stays small, as in
+    LLaMA-Factory); without it the whole model is, since its layers must share one dtype."""
+    import torch
+
+    half = (torch.bfloat16, torch.float16)
+    trained = [p for p in model.parameters() if p.requires_grad and p.dtype in half]
     if cfg.train.pure_bf16:
         print("warning: --pure-bf16: weights, gradients and optimiser state in bf16; small updates may be "
               "rounded away", file=sys.stderr)
         return model.to(torch.bfloat16) if cfg.loading.quantization_bit is None else model
-    if half and not cfg.finetuning.uses_adapter:
-        print(f"note: the model's weights are {', '.join(sorted(str(d) for d in half))}: training them with fp32 "
-              "master weights (--bf16 computes in bf16; --pure-bf16 keeps them in bf16 to halve their memory)",
-              file=sys.stderr)
+    if not trained:
+        return model
+    print(f"note: {len(trained)} trained weight tensors are {trained[0].dtype}: training them with fp32 master "
+          "weights (--pure-bf16 keeps them in bf16 to halve their memory)", file=sys.stderr)
+    if not (cfg.train.bf16 or cfg.train.fp16):
         return model.float()
+    for p in trained:
+        p.data = p.data.float()
     return model
 
 
