@@ -1,5 +1,6 @@
 """`huayu plan`: its estimate of a training process's peak memory against the peak RSS measured for
-real CPU runs of the same shape, each plan and run in a fresh process of its own."""
+real CPU runs of the same shape, each plan and run in a fresh process of its own; its GPU plans of a
+7B model against LLaMA-Factory's published table, and what sharding changes."""
 
 import json
 import os
@@ -97,3 +98,95 @@ def test_plan_refuses_what_cannot_run(corpus, capsys):
     assert "inference only" in capsys.readouterr().err
     assert main(["plan", "small"]) == 1
     assert "--vocab-size" in capsys.readouterr().err
+
+
+# LLaMA-Factory's README, "Hardware Requirement", its 7B column (GB), row by row as huayu plan's flags.
+# "Full (AMP)" trains fp32 master weights under bf16 autocast, "Full (bf16)" keeps the weights and AdamW's
+# state in bf16 (--pure-bf16); Freeze (its last 2 layers) and LoRA train on a bf16 base; QLoRA on a 4- or
+# 8-bit one.
+LLAMA_FACTORY_7B_GB = {
+    "full-amp": (["--method", "full"], 120),
+    "full-bf16": (["--method", "full", "--pure-bf16"], 60),
+    "freeze": (["--method", "freeze"], 20),
+    "lora": (["--method", "lora"], 16),
+    "qlora-8": (["--method", "lora", "--quantization-bit", "8"], 10),
+    "qlora-4": (["--method", "lora", "--quantization-bit", "4"], 6),
+}
+# One set of assumptions for every row, LLaMA-Factory's defaults: bf16, gradient checkpointing, one GPU's
+# micro-batch of one sequence of 1,024 tokens.
+GPU_RUN = ["--model", "llama-7b", "--bf16", "--batch-size", "1", "--seq-len", "1024", "--gpus", "1"]
+
+
+def plan_json(capsys, *args):
+    assert main(["plan", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("row", LLAMA_FACTORY_7B_GB)
+def test_gpu_plan_of_a_7b_model_is_within_30_percent_of_llama_factorys_table(row, capsys):
+    flags, published = LLAMA_FACTORY_7B_GB[row]
+    plan = plan_json(capsys, *GPU_RUN, "--gradient-checkpointing", *flags)
+    planned = plan["per_gpu"] / 2 ** 30
+    print(f"{row}: planned {planned:.1f} GiB, LLaMA-Factory {published} GB ({planned / published - 1:+.0%})")
+    assert 0.7 <= planned / published <= 1.3
+    assert plan["fits"] == {f"{card} GB": planned <= card for card in (24, 40, 80)}
+
+
+@pytest.fixture(scope="module")
+def full_7b():
+    """Full fine-tuning of the 7B shape, planned for one GPU and for 8 with DDP and with FSDP."""
+    from huayu.config import build_config
+    from huayu.plan import PlanConfig, plan_gpus
+
+    base = dict(model="llama-7b", bf16=True, gradient_checkpointing=True, batch=1, seq_len=1024)
+    return {(gpus, sharding): plan_gpus(build_config(PlanConfig, dict(base, gpus=gpus, sharding=sharding)))
+            for gpus, sharding in [(1, "none"), (8, "ddp"), (8, "fsdp")]}
+
+
+def test_fsdp_splits_weights_gradients_and_optimiser_state_across_the_gpus(full_7b):
+    one, fsdp = full_7b[1, "none"], full_7b[8, "fsdp"]
+    for part in ("weights", "gradients", "optimizer", "optimizer_step"):
+        assert getattr(fsdp, part) == getattr(one, part) // 8, part
+    assert fsdp.weights_by_dtype == one.weights_by_dtype  # the model's, before sharding
+    # it gathers the root unit and two layers in bf16, and so holds no autocast copies of the fp32 weights
+    assert 0 < fsdp.fsdp_gathered < one.weights / 8 and fsdp.activations < one.activations
+    assert not one.fits["80 GB"] and fsdp.fits["40 GB"]
+
+
+def test_ddp_holds_everything_on_every_gpu(full_7b):
+    one, ddp = full_7b[1, "none"], full_7b[8, "ddp"]
+    for part in ("weights", "optimizer", "activations", "optimizer_step"):
+        assert getattr(ddp, part) == getattr(one, part), part
+    assert ddp.gradients == 2 * one.gradients  # and its all-reduce buckets, a second copy
+    assert ddp.fsdp_gathered == 0 and ddp.per_gpu > one.per_gpu
+
+
+def test_gradient_checkpointing_keeps_the_layer_inputs_and_recomputes_one_layer(capsys):
+    """Checkpointed, the activations are about the layers' inputs (bf16) and one layer's recomputed
+    activations, with the logits; not checkpointed, every layer's."""
+    lora = [*GPU_RUN, "--method", "lora"]
+    kept, checkpointed = plan_json(capsys, *lora), plan_json(capsys, *lora, "--gradient-checkpointing")
+    layer_inputs = 32 * 1024 * 4096 * 2
+    assert layer_inputs < checkpointed["activations"] < 3 * layer_inputs
+    assert kept["activations"] > 8 * checkpointed["activations"]
+    assert kept["weights"] == checkpointed["weights"]
+
+
+def test_gpu_plan_prints_a_table_by_component(capsys):
+    assert main(["plan", "tiny", "--vocab-size", "3000", "--method", "lora", "--quantization-bit", "4", "--gpus", "1",
+                 "--batch-size", "2", "--seq-len", "64"]) == 0
+    text = capsys.readouterr().out
+    for row in ("weights", "gradients", "optimiser state", "activations", "optimiser step", "CUDA and framework",
+                "peak per GPU", "fits on 24 GB: yes, 40 GB: yes, 80 GB: yes"):
+        assert row in text
+    assert "nf4" in text and "nf4 base (QLoRA)" in text
+
+
+def test_gpu_plan_refuses_what_cannot_run(capsys):
+    for args, error in [(["--quantization-bit", "4", "--method", "lora"], "add --gpus N"),
+                        (["--gpus", "8"], "--sharding ddp"),
+                        (["--gpus", "1", "--quantization-bit", "4"], "--finetuning-type lora"),
+                        (["--gpus", "1", "--bits", "4", "--inference"], "--quantization-bit"),
+                        (["--gpus", "1", "--sharding", "zero"], "--sharding must be one of")]:
+        assert main(["plan", "tiny", "--vocab-size", "3000", *args]) == 1
+        assert error in capsys.readouterr().err
