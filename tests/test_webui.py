@@ -181,3 +181,12 @@ def test_webui_chats_streams_and_clears_in_a_browser(webui_url, browser):
 
     resources = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert all(r.startswith(webui_url) for r in resources), "the page fetched from elsewhere"
+
+
+def test_sliders_not_set_start_where_the_model_s_generation_config_puts_them():
+    from huayu.generation import DecodingArgs
+    from huayu.serve.webui import WebUIConfig, start_sliders
+
+    cfg = WebUIConfig(temperature=1.1)
+    start_sliders(cfg, {"temperature"}, DecodingArgs(temperature=0.3, top_p=0.8, top_k=20, max_new_tokens=99))
+    assert (cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_new_tokens) == (1.1, 0.8, 20, 99)

@@ -18,7 +18,8 @@ from huayu.generation import EVA_BEAM
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read by gradio at launch: no telemetry, no version check
 
 TITLE = "华语 huayu chat"
-_START = chat_decoding()  # the sliders start where `huayu chat` decodes
+_START = chat_decoding()  # the sliders start where `huayu chat` decodes (then the model's own config)
+SLIDERS = ("temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty")
 
 
 @dataclass
@@ -32,11 +33,19 @@ class WebUIConfig:
     system: str | None = field_doc("optional system message", default=None)
     seed: int = field_doc("random seed for sampling", default=1234)
     beam: bool = field_doc("start with EVA's beam-search preset ticked", default=False)
-    temperature: float = field_doc("starting temperature", default=_START.temperature)
+    temperature: float = field_doc("starting temperature (a slider not set here starts where the model's "
+                                   "generation_config.json puts it)", default=_START.temperature)
     top_p: float = field_doc("starting top-p", default=_START.top_p)
     top_k: int = field_doc("starting top-k (0: off)", default=_START.top_k)
     max_new_tokens: int = field_doc("starting max new tokens", default=_START.max_new_tokens)
     repetition_penalty: float = field_doc("starting repetition penalty", default=_START.repetition_penalty)
+
+
+def start_sliders(cfg: WebUIConfig, given: set[str], model_decoding) -> None:
+    """Start each slider the user did not set where `huayu chat` would decode this model
+    (`model_decoding`: chat's defaults under the model's generation_config.json)."""
+    for name in set(SLIDERS) - given:
+        setattr(cfg, name, getattr(model_decoding, name))
 
 
 def decoding_options(beam: bool, **sliders) -> dict:
@@ -118,7 +127,10 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from pathlib import Path
+
     import torch
+    import yaml
 
     from huayu.api import load
     from huayu.models.loading import model_or_bundled
@@ -126,6 +138,10 @@ def run(args) -> int:
     cfg = config_from_args(WebUIConfig, args)
     cfg.model = model_or_bundled(cfg.model)
     chat_model = load(cfg.model, adapter=cfg.adapter, quantization=cfg.quantization)
+    given = set(vars(args))  # argparse keeps only the flags given
+    if getattr(args, "config", None):
+        given |= set(yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {})
+    start_sliders(cfg, given, chat_model.decoding)
     torch.manual_seed(cfg.seed)
     demo = build_demo(chat_model, cfg)
     _, url, _ = demo.queue().launch(server_name=cfg.host, server_port=cfg.port, share=False, quiet=True,
