@@ -94,39 +94,45 @@ def written_by(records: Path, rank: int) -> str:
     return path.read_text(encoding="utf-8") if path.exists() else ""
 
 
-def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, tokenizer_dir):
-    # 64 copies of the corpus: a token count that is a multiple of 16 x 4, so every block is full and
-    # every share of a global batch predicts equally many tokens (the mean of the ranks' means is then
-    # the global mean)
+def two_processes_and_one(tmp_path, tokenizer_dir, extra: list[str]):
+    """A 2-process run and a 1-process run of the same global batch, their per-step training and
+    final validation losses compared; (data, cache, the 2-process output, its write records)."""
+    # 64 copies of the corpus: a token count that is a multiple of 16 x 4, so every block is full
     data = write_texts(tmp_path / "t.txt", TEXTS * 64)
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    single, multi = tmp_path / "single", tmp_path / "multi"
     assert main(pretrain_args(tokenizer_dir, data, single, GLOBAL_BATCH)) == 0
-
-    cache, records = tmp_path / "ddp-cache", tmp_path / "writes"  # a cache of its own: rank 0 must build it
-    torchrun(tmp_path, pretrain_args(tokenizer_dir, data, ddp, GLOBAL_BATCH // 2, ["--cache-dir", str(cache)]),
-             [ddp, cache], records)
-
-    expected, got = train_losses(single), train_losses(ddp)
-    difference = max(abs(a - b) for a, b in zip(expected, got))
-    print(f"max train-loss difference over {STEPS} steps: {difference:.2e}")
+    cache, records = tmp_path / "multi-cache", tmp_path / "writes"  # a cache of its own: rank 0 must build it
+    torchrun(tmp_path, pretrain_args(tokenizer_dir, data, multi, GLOBAL_BATCH // 2, ["--cache-dir", str(cache), *extra]),
+             [multi, cache], records)
+    difference = max(abs(a - b) for a, b in zip(train_losses(single), train_losses(multi)))
+    print(f"{' '.join(extra) or 'DDP'}: max train-loss difference over {STEPS} steps: {difference:.2e}")
     assert difference < 1e-4
-    assert json.loads((ddp / "train_result.json").read_text())["eval_loss"] == pytest.approx(
+    assert json.loads((multi / "train_result.json").read_text())["eval_loss"] == pytest.approx(
         json.loads((single / "train_result.json").read_text())["eval_loss"], abs=1e-4)
-    assert tree(ddp) == tree(single)
-    assert not [p for p in ddp.rglob("*") if ".tmp" in p.name]
-    assert "model.safetensors" in written_by(records, 0) and "blocks-" in written_by(records, 0)
     assert written_by(records, 1) == ""
+    return data, cache, multi, records
 
-    # resume: the run as if killed after its step-3 checkpoint, continued by 2 processes again
-    resumed = tmp_path / "resumed"
-    shutil.copytree(ddp, resumed)
+
+def resumed_at_step_3(tmp_path, tokenizer_dir, data, cache, run: Path, extra: list[str]):
+    """`run` as if killed after its step-3 checkpoint, continued by 2 processes again; (its
+    output, the launch, its write records)."""
+    resumed, records = tmp_path / "resumed", tmp_path / "resume-writes"
+    shutil.copytree(run, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step-6")
     (resumed / "train_result.json").unlink()
-    records = tmp_path / "resume-writes"
     proc = torchrun(tmp_path, pretrain_args(tokenizer_dir, data, resumed, GLOBAL_BATCH // 2,
-                                            ["--cache-dir", str(cache), "--resume"]), [resumed, cache], records)
+                                            ["--cache-dir", str(cache), *extra, "--resume"]), [resumed, cache], records)
     assert "resuming from" in proc.stdout and "step 3 of 6" in proc.stdout
-    assert train_losses(resumed) == pytest.approx(got, abs=1e-6)
+    assert train_losses(resumed) == pytest.approx(train_losses(run), abs=1e-5)
+    return resumed, records
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, tokenizer_dir):
+    data, cache, ddp, records = two_processes_and_one(tmp_path, tokenizer_dir, [])
+    assert tree(ddp) == tree(tmp_path / "single")
+    assert not [p for p in ddp.rglob("*") if ".tmp" in p.name]
+    assert "model.safetensors" in written_by(records, 0) and "blocks-" in written_by(records, 0)
+    _, records = resumed_at_step_3(tmp_path, tokenizer_dir, data, cache, ddp, [])
     assert written_by(records, 1) == "" and "step-6" in written_by(records, 0)
 
 
@@ -193,29 +199,8 @@ def test_fsdp_over_two_processes_trains_like_one_and_resumes(tmp_path, tokenizer
     loads with plain transformers)."""
     from transformers import AutoModelForCausalLM
 
-    data = write_texts(tmp_path / "t.txt", TEXTS * 64)
-    single, fsdp = tmp_path / "single", tmp_path / "fsdp"
-    assert main(pretrain_args(tokenizer_dir, data, single, GLOBAL_BATCH)) == 0
-    cache, records = tmp_path / "cache", tmp_path / "writes"
-    torchrun(tmp_path, pretrain_args(tokenizer_dir, data, fsdp, GLOBAL_BATCH // 2, ["--cache-dir", str(cache), "--fsdp"]),
-             [fsdp, cache], records)
-    expected, got = train_losses(single), train_losses(fsdp)
-    difference = max(abs(a - b) for a, b in zip(expected, got))
-    print(f"FSDP: max train-loss difference over {STEPS} steps: {difference:.2e}")
-    assert difference < 1e-4
-    assert json.loads((fsdp / "train_result.json").read_text())["eval_loss"] == pytest.approx(
-        json.loads((single / "train_result.json").read_text())["eval_loss"], abs=1e-4)
-    assert written_by(records, 1) == ""
+    data, cache, fsdp, _ = two_processes_and_one(tmp_path, tokenizer_dir, ["--fsdp"])
     plain = AutoModelForCausalLM.from_pretrained(fsdp)
-    reference = AutoModelForCausalLM.from_pretrained(single)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "single")
     assert max(float((a - b).abs().max()) for a, b in zip(plain.parameters(), reference.parameters())) < 1e-3
-
-    resumed = tmp_path / "resumed"
-    shutil.copytree(fsdp, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step-6")
-    (resumed / "train_result.json").unlink()
-    proc = torchrun(tmp_path, pretrain_args(tokenizer_dir, data, resumed, GLOBAL_BATCH // 2,
-                                            ["--cache-dir", str(cache), "--fsdp", "--resume"]), [resumed, cache],
-                    tmp_path / "resume-writes")
-    assert "step 3 of 6" in proc.stdout
-    assert train_losses(resumed) == pytest.approx(got, abs=1e-5)
+    resumed_at_step_3(tmp_path, tokenizer_dir, data, cache, fsdp, ["--fsdp"])
