@@ -102,8 +102,8 @@ def two_processes_and_one(tmp_path, tokenizer_dir, extra: list[str]):
     single, multi = tmp_path / "single", tmp_path / "multi"
     assert main(pretrain_args(tokenizer_dir, data, single, GLOBAL_BATCH)) == 0
     cache, records = tmp_path / "multi-cache", tmp_path / "writes"  # a cache of its own: rank 0 must build it
-    torchrun(tmp_path, pretrain_args(tokenizer_dir, data, multi, GLOBAL_BATCH // 2, ["--cache-dir", str(cache), *extra]),
-             [multi, cache], records)
+    args = pretrain_args(tokenizer_dir, data, multi, GLOBAL_BATCH // 2, ["--cache-dir", str(cache), *extra])
+    torchrun(tmp_path, args, [multi, cache], records)
     difference = max(abs(a - b) for a, b in zip(train_losses(single), train_losses(multi)))
     print(f"{' '.join(extra) or 'DDP'}: max train-loss difference over {STEPS} steps: {difference:.2e}")
     assert difference < 1e-4

@@ -2,7 +2,6 @@
 
 import pickle
 
-import pytest
 import torch
 from conftest import write_conversations, write_texts
 

@@ -214,7 +214,7 @@ def test_a_non_streaming_client_that_disconnects_is_cancelled(server):
 def test_the_queue_counts_every_choice(server):
     """Batch 2 and queue 2: with 2 choices running, 3 more would leave 3 waiting."""
     with httpx.stream("POST", f"{server}/v1/chat/completions", timeout=30, json={
-            "model": "tiny", "messages": USER, "n": 2, "max_tokens": 900, "ignore_eos": True, "stream": True}) as s:
+            "model": "tiny", "messages": USER, "n": 2, "max_tokens": 900, "ignore_eos": True, "stream": True}):
         wait_for(server, lambda h: h["running"] == 2)
         assert_openai_error(chat(server, n=3, timeout=5), 503, type="server_error", code="queue_full")
         assert_openai_error(chat(server, n=5, timeout=5), 400, param="n", code="invalid_value")  # never fits

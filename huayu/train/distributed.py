@@ -173,7 +173,8 @@ def shard_model(model, device, bf16: bool) -> None:
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
         raise HuayuError(f"--fsdp: no decoder layers to shard by in {type(model).__name__} (looked for "
-                         f"{', '.join(sorted(names)) or 'its _no_split_modules'}): set fsdp_transformer_layer_cls_to_wrap")
+                         f"{', '.join(sorted(names)) or 'its _no_split_modules'}): set "
+                         "fsdp_transformer_layer_cls_to_wrap")
     kinds = sorted({type(m).__name__ for m in layers})  # before fully_shard renames their classes
     model.to(device)
     mesh = init_device_mesh(torch.device(device).type, (world_size(),))

@@ -391,7 +391,8 @@ def fit(model, tokenizer, examples: list, collate, args: TrainArgs, out: str | P
                 values = window.summary()
                 log.write(step, **{f"train_{k}": v for k, v in values.items()}, train_lr=lr)
                 shown = "  ".join(f"{k} {v:.4f}" for k, v in values.items() if k.endswith("loss"))
-                tqdm.write(f"step {step}/{steps} (mean of {window.steps} steps): {shown}  lr {lr:.2e}  {values['steps_per_s']:.2f} steps/s  "
+                tqdm.write(f"step {step}/{steps} (mean of {window.steps} steps): {shown}  lr {lr:.2e}  "
+                           f"{values['steps_per_s']:.2f} steps/s  "
                            f"{values['seqs_per_s']:,.1f} seqs/s  {values['tokens_per_s']:,.0f} tokens/s")
             window = _Window()
         if validates and ((args.eval_every and step % args.eval_every == 0) or step == steps):
