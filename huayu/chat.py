@@ -14,10 +14,9 @@ import sys
 import warnings
 from collections.abc import Collection
 from dataclasses import dataclass
-from pathlib import Path
 
 from huayu.api import chat_decoding, decoding_args, model_chat_decoding
-from huayu.config import add_config_arguments, config_from_args, field_doc
+from huayu.config import add_config_arguments, config_from_args, field_doc, given_options
 from huayu.errors import HuayuError
 from huayu.generation import EVA_BEAM, DecodingArgs, TemplateWarning
 
@@ -47,14 +46,8 @@ def set_seed(seed: int) -> None:
 
 
 def given_decoding(args) -> set[str]:
-    """The decoding options the user set, by flag (argparse keeps only the flags given) or in the
-    --config file (already checked by config_from_args)."""
-    import yaml
-
-    given = {name.removeprefix("decoding.") for name in vars(args) if name.startswith("decoding.")}
-    if getattr(args, "config", None):
-        given |= set((yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {}).get("decoding") or {})
-    return given
+    """The decoding options the user set, by flag or in the --config file."""
+    return {name.removeprefix("decoding.") for name in given_options(args) if name.startswith("decoding.")}
 
 
 class ChatSession:

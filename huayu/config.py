@@ -157,18 +157,34 @@ def build_config(cls, overrides: dict, source: str = "config", base=None):
     return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
 
 
+def _yaml_tree(args: argparse.Namespace) -> dict:
+    """The `--config` file's mapping ({} without one)."""
+    yaml_path = getattr(args, "config", None)
+    if not yaml_path:
+        return {}
+    try:
+        loaded = yaml.safe_load(Path(yaml_path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{yaml_path}: cannot read config: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{yaml_path}: a config file must be a mapping")
+    return loaded
+
+
+def given_options(args: argparse.Namespace) -> set[str]:
+    """The dotted names of the options the user set, by flag or in the `--config` file; the rest
+    are defaults, which a command may take from elsewhere (e.g. the model's generation config)."""
+    def names(tree: dict, prefix: str = "") -> set[str]:
+        return {n for k, v in tree.items() for n in (names(v, f"{prefix}{k}.") if isinstance(v, dict)
+                                                      else {f"{prefix}{k}"})}
+
+    return {n for n in vars(args) if n != "config"} | names(_yaml_tree(args))  # argparse keeps only flags given
+
+
 def config_from_args(cls, args: argparse.Namespace):
     """Resolve defaults <- YAML (`--config`) <- CLI flags into an instance of `cls`."""
-    tree: dict = {}
+    tree = _yaml_tree(args)
     yaml_path = getattr(args, "config", None)
-    if yaml_path:
-        try:
-            loaded = yaml.safe_load(Path(yaml_path).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"{yaml_path}: cannot read config: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{yaml_path}: a config file must be a mapping")
-        tree = loaded
     for name, *_ in _leaves(cls):
         if hasattr(args, name):
             _nested_set(tree, name, getattr(args, name))

@@ -8,7 +8,6 @@ directory serves both backends and either can check the other. Texts are encoded
 from __future__ import annotations
 
 import logging
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from huayu.data.classification import (HEADERS, ClassificationExample, Logits, c
                                        text_examples, torch_logits, write_predictions)
 from huayu.errors import HuayuError
 from huayu.export import OUT_HELP
-from huayu.outputs import OVERWRITE_HELP, check_output_dir, install_output
+from huayu.outputs import OVERWRITE_HELP, building, check_output_dir
 
 ONNX_FILE = "model.onnx"
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -161,10 +160,7 @@ def export_onnx(cfg: OnnxConfig) -> tuple[Path, float]:
     check_onnx(cfg)
     tokenizer, model = load_tokenizer(cfg.model), load_classifier(cfg.model)
     batch = parity_batch(tokenizer, usable_length(model.config, cfg.max_length))
-    out = Path(cfg.out)
-    tmp = out.parent / f".tmp-{out.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with building(cfg.out, "export onnx") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         _export(model, batch, tmp / ONNX_FILE, cfg.opset)
@@ -172,10 +168,7 @@ def export_onnx(cfg: OnnxConfig) -> tuple[Path, float]:
         if not diff <= TOLERANCE:  # also catches NaN
             raise HuayuError(f"the ONNX model's logits differ from PyTorch's by up to {diff:.2e} (more than "
                              f"{TOLERANCE:g}): the export is wrong, so nothing was written")
-        install_output(tmp, out, "export onnx")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out, diff
+    return Path(cfg.out), diff
 
 
 def add_onnx_arguments(parser) -> None:

@@ -28,7 +28,7 @@ import yaml
 from huayu.config import add_config_arguments, config_from_args, field_doc
 from huayu.data.templates import TEMPLATE_RECORD
 from huayu.errors import HuayuError
-from huayu.outputs import OUTPUT_RECORD, OVERWRITE_HELP, check_output_dir, install_output
+from huayu.outputs import OUTPUT_RECORD, OVERWRITE_HELP, building, check_output_dir
 
 EXPORT_FILE = "huayu_export.yaml"
 OUT_HELP = "output directory: new, empty, or an earlier output of this command (replaced)"
@@ -70,17 +70,15 @@ def merge(cfg: MergeConfig) -> Path:
 
     check(cfg)
     tokenizer, model = load_for_inference(cfg.base, cfg.adapter)
-    out = Path(cfg.out)
-    tmp = out.parent / f".tmp-{out.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.merge_and_unload().save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if (Path(cfg.adapter) / TEMPLATE_RECORD).exists():  # the merged weights learned the adapter's template
-        shutil.copy(Path(cfg.adapter) / TEMPLATE_RECORD, tmp / TEMPLATE_RECORD)
-    record = {"base": str(Path(cfg.base).resolve()), "adapter": str(Path(cfg.adapter).resolve()), "method": "lora"}
-    (tmp / EXPORT_FILE).write_text(yaml.safe_dump(record, allow_unicode=True, sort_keys=False), encoding="utf-8")
-    install_output(tmp, out, "export merge")
-    return out
+    with building(cfg.out, "export merge") as tmp:
+        model.merge_and_unload().save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if (Path(cfg.adapter) / TEMPLATE_RECORD).exists():  # the merged weights learned the adapter's template
+            shutil.copy(Path(cfg.adapter) / TEMPLATE_RECORD, tmp / TEMPLATE_RECORD)
+        record = {"base": str(Path(cfg.base).resolve()), "adapter": str(Path(cfg.adapter).resolve()),
+                  "method": "lora"}
+        (tmp / EXPORT_FILE).write_text(yaml.safe_dump(record, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return Path(cfg.out)
 
 
 @dataclass
@@ -117,19 +115,15 @@ def _write_model_dir(source: str, out: str, command: str, tokenizer, write_weigh
     (chat template record, cloze.json, configs; not its output record) and the export record,
     completed by what write_weights returns: built under a temporary name, then installed, so an
     interrupted export never leaves a half-written model."""
-    out = Path(out)
-    tmp = out.parent / f".tmp-{out.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    record = {"source": str(Path(source).resolve()), **record, **write_weights(tmp)}
-    tokenizer.save_pretrained(tmp)
-    for file in Path(source).iterdir():
-        if file.is_file() and not _is_weight_file(file.name) and file.name != OUTPUT_RECORD \
-                and not (tmp / file.name).exists():
-            shutil.copy(file, tmp / file.name)
-    (tmp / EXPORT_FILE).write_text(yaml.safe_dump(record, allow_unicode=True, sort_keys=False), encoding="utf-8")
-    install_output(tmp, out, command)
-    return out
+    with building(out, command) as tmp:
+        record = {"source": str(Path(source).resolve()), **record, **write_weights(tmp)}
+        tokenizer.save_pretrained(tmp)
+        for file in Path(source).iterdir():
+            if file.is_file() and not _is_weight_file(file.name) and file.name != OUTPUT_RECORD \
+                    and not (tmp / file.name).exists():
+                shutil.copy(file, tmp / file.name)
+        (tmp / EXPORT_FILE).write_text(yaml.safe_dump(record, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return Path(out)
 
 
 def reshard(cfg: ReshardConfig) -> tuple[Path, int]:

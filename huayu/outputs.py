@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from huayu.errors import HuayuError
@@ -72,10 +74,26 @@ def claim_output_dir(out: str | Path, command: str, overwrite: bool = False, fla
     return own
 
 
-def install_output(built: Path, out: Path, command: str) -> None:
-    """Move a finished output built under a temporary name to `out`, which check_output_dir has
-    allowed: a missing or empty `out`, or an earlier output of `command`, is replaced whole; into
-    any other directory (--overwrite) the entries are moved one by one, replacing same-named ones."""
+@contextmanager
+def building(out: str | Path, command: str):
+    """A temporary sibling directory to build `command`'s output in, installed at `out` (which
+    check_output_dir has allowed) only when the block ends without an error and removed in any
+    case: an interrupted or failed command never leaves a half-written output, and an earlier
+    one stays until the new one is complete."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    built = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield built
+        _install(built, out, command)
+    finally:
+        shutil.rmtree(built, ignore_errors=True)  # gone once installed
+
+
+def _install(built: Path, out: Path, command: str) -> None:
+    """Move a finished output to `out`: a missing or empty `out`, or an earlier output of
+    `command`, is replaced whole; into any other directory (--overwrite) the entries are moved one
+    by one, replacing same-named ones."""
     if _foreign(out, command):  # no record here: the directory stays its owner's
         (built / OUTPUT_RECORD).unlink(missing_ok=True)
         for entry in built.iterdir():

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import shutil
 import sys
 import tempfile
 from collections import Counter
@@ -32,7 +31,7 @@ from huayu.data.span_corruption import sentinel_tokens
 from huayu.data.templates import (ASSISTANT, BOS, DEFAULT_CHAT_TEMPLATE, EOS, MASK, PAD, SEP, SPECIAL_TOKENS,
                                   SYSTEM, UNK, USER)
 from huayu.errors import DataError, HuayuError
-from huayu.outputs import OVERWRITE_HELP, check_output_dir, install_output
+from huayu.outputs import OVERWRITE_HELP, building, check_output_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -298,16 +297,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _save(tokenizer: PreTrainedTokenizerFast, meta: dict, out: Path) -> None:
-    """Build the output in a temporary sibling directory and install it only when complete, so a
-    failure never leaves a half-written tokenizer and an earlier one stays until then."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    """The tokenizer and its training record, installed at `out` only when complete (outputs.building)."""
+    with building(out, COMMAND) as tmp:
         tokenizer.save_pretrained(tmp)
         (tmp / META_FILE).write_text(yaml.safe_dump(meta, allow_unicode=True, sort_keys=False), encoding="utf-8")
-        install_output(tmp, out, COMMAND)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone once installed
 
 
 def _report(tokenizer: PreTrainedTokenizerFast, stats: _CorpusStats, unk_share: float, out: str) -> None:

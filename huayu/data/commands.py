@@ -8,8 +8,6 @@ import json
 import os
 import random
 import re
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -17,7 +15,7 @@ from huayu.data.formats import (COLUMNS_FORMAT, DIALOGUE_FORMATS, Dialogue, Read
                                 dialogue_origin, read_dialogues)
 from huayu.data.sources import read_corpus
 from huayu.errors import HuayuError
-from huayu.outputs import OVERWRITE_HELP, check_output_dir, install_output
+from huayu.outputs import OVERWRITE_HELP, building, check_output_dir
 
 DIALOGUE_CHOICES = ("auto", *DIALOGUE_FORMATS, COLUMNS_FORMAT)
 SPLITS = ("train", "valid", "test")
@@ -206,16 +204,11 @@ def _check_convert_out(out: Path, split: bool, overwrite: bool) -> None:
 
 
 def _write_splits(out: Path, files: dict[str, list[str]]) -> None:
-    """Build the split files in a temporary sibling directory, then install it, so an earlier split is
-    replaced whole (no file of another format left behind) and an interrupted run leaves none."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    """The split files, installed together (outputs.building): an earlier split is replaced whole (no
+    file of another format left behind) and an interrupted run leaves none."""
+    with building(out, CONVERT) as tmp:
         for name, lines in files.items():
             write_lines(tmp / name, lines)
-        install_output(tmp, out, CONVERT)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone once installed
 
 
 def _eva_line(dialogue: Dialogue, notes: Counter) -> str | None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from huayu.api import chat_decoding
-from huayu.config import add_config_arguments, config_from_args, field_doc
+from huayu.config import add_config_arguments, config_from_args, field_doc, given_options
 from huayu.generation import EVA_BEAM
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read by gradio at launch: no telemetry, no version check
@@ -127,10 +127,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
     import torch
-    import yaml
 
     from huayu.api import load
     from huayu.models.loading import model_or_bundled
@@ -138,10 +135,7 @@ def run(args) -> int:
     cfg = config_from_args(WebUIConfig, args)
     cfg.model = model_or_bundled(cfg.model)
     chat_model = load(cfg.model, adapter=cfg.adapter, quantization=cfg.quantization)
-    given = set(vars(args))  # argparse keeps only the flags given
-    if getattr(args, "config", None):
-        given |= set(yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {})
-    start_sliders(cfg, given, chat_model.decoding)
+    start_sliders(cfg, given_options(args), chat_model.decoding)
     torch.manual_seed(cfg.seed)
     demo = build_demo(chat_model, cfg)
     _, url, _ = demo.queue().launch(server_name=cfg.host, server_port=cfg.port, share=False, quiet=True,

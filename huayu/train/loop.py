@@ -420,7 +420,7 @@ def fit(model, tokenizer, examples: list, collate, args: TrainArgs, out: str | P
     result = {"steps": steps, "train_loss": last_loss}
     if eval_metrics is not None:
         result.update({f"eval_{k}": v for k, v in eval_metrics.items()})
-    weights = distributed.whole_model_state(model, sharded)
+    weights = distributed.whole_model_state(model, sharded)  # gathered anew: save_pretrained consumes its dict
     if main:
         _save_final(out, model, tokenizer, chat_trained, weights)
         if evaluation is not None and evaluation.best and (out / BEST).is_dir():
