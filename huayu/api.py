@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator
 
+from huayu.data.chat_templates import with_system
 from huayu.data.templates import ROLES
 from huayu.errors import HuayuError
 from huayu.generation import DecodingArgs, Generator
@@ -65,8 +66,9 @@ def as_messages(history) -> list[dict]:
 class ChatModel:
     """A loaded model with chat, streaming chat and batched generation."""
 
-    def __init__(self, generator: Generator, path: str, max_source_length: int | None = None):
-        self.generator, self.path = generator, path
+    def __init__(self, generator: Generator, path: str, max_source_length: int | None = None,
+                 system: str | None = None):
+        self.generator, self.path, self.system = generator, path, system
         self.tokenizer, self.model = generator.tokenizer, generator.model
         self.max_source_length = max_source_length or generator.max_positions // 2
         self.decoding = model_chat_decoding(generator)  # what chat() decodes with unless told otherwise
@@ -77,10 +79,10 @@ class ChatModel:
         return self.generator.template_problem
 
     def _prompt(self, query: str, history, system: str | None):
-        messages = as_messages(history)
-        if system is not None and not (messages and messages[0]["role"] == "system"):
-            messages = [{"role": "system", "content": system}] + messages
-        messages.append({"role": "user", "content": query})
+        """The messages and prompt ids of `query` after `history`; `system` (default: the one
+        given to load()) is added unless the history has a system message."""
+        messages = with_system(as_messages(history), self.system if system is None else system)
+        messages = messages + [{"role": "user", "content": query}]
         return messages, self.generator.encode_chat(messages, self.max_source_length)
 
     def stream_chat(self, query: str, history=None, system: str | None = None,
@@ -115,9 +117,27 @@ class ChatModel:
 
 
 def load(path: str, adapter: str | None = None, quantization: str | None = None, dtype=None,
-         max_source_length: int | None = None) -> ChatModel:
+         max_source_length: int | None = None, template: str | None = None, system: str | None = None,
+         device: str = "auto", quantization_bit: int | None = None, attn_implementation: str | None = None,
+         trust_remote_code: bool = False) -> ChatModel:
     """The model at `path` (a model directory, or an adapter directory whose base is known here),
-    with `adapter` applied and `quantization` ("int8", "int4": weight-only) done on loading. `max_source_length` caps the
-    dialogue history fed to the model (default: half its context), cut from the oldest turn."""
-    return ChatModel(Generator.load(path, dtype=dtype, adapter=adapter, quantization=quantization), path,
-                     max_source_length)
+    with `adapter` applied. `device`: auto (a CUDA GPU when there is one), cpu or cuda; `dtype`: a
+    torch dtype or its name ("bfloat16"; default: as stored); `quantization_bit` 4 or 8 loads through
+    bitsandbytes on CUDA, `quantization` ("int8", "int4": huayu's weight-only kernels) quantizes on
+    the CPU. `max_source_length` caps the dialogue history fed to the model (default: half its
+    context), cut from the oldest turn. `template` replaces the tokenizer's chat template (a name of
+    huayu.data.chat_templates.TEMPLATES or a .jinja file); `system` is the system message of chats
+    whose history has none (chat()'s own `system` wins). `trust_remote_code`: run a checkpoint's own
+    Python code (its `auto_map`) — for this process, as the CLI's --trust-remote-code."""
+    import os
+
+    from huayu.models.loading import TRUST_REMOTE_CODE_ENV, InferenceArgs
+
+    if trust_remote_code:
+        os.environ[TRUST_REMOTE_CODE_ENV] = "1"
+    named = isinstance(dtype, str)
+    placement = InferenceArgs(torch_dtype=dtype if named else "auto", attn_implementation=attn_implementation,
+                              quantization_bit=quantization_bit, device=device)
+    generator = Generator.load(path, dtype=None if named else dtype, adapter=adapter, quantization=quantization,
+                               template=template, placement=placement)
+    return ChatModel(generator, path, max_source_length, system)

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 
 from huayu.api import chat_decoding, decoding_args, model_chat_decoding
 from huayu.config import add_config_arguments, config_from_args, field_doc, given_options
+from huayu.data.chat_templates import TEMPLATE_HELP
 from huayu.errors import HuayuError
 from huayu.generation import EVA_BEAM, DecodingArgs, TemplateWarning
+from huayu.models.loading import InferenceArgs
 
 
 @dataclass
@@ -33,7 +35,9 @@ class ChatConfig:
                            default=False)
     seed: int = field_doc("random seed for sampling", default=1234)
     max_source_length: int = field_doc("max tokens of dialogue history fed to the model", default=512)
-    system: str | None = field_doc("optional system message", default=None)
+    system: str | None = field_doc("system message every dialogue starts with", default=None)
+    template: str | None = field_doc(TEMPLATE_HELP, default=None)
+    placement: InferenceArgs = field_doc("where the model runs", default_factory=InferenceArgs)
 
 
 def set_seed(seed: int) -> None:
@@ -102,7 +106,7 @@ def run(args) -> int:
 
     cfg = config_from_args(ChatConfig, args)
     cfg.model = model_or_bundled(cfg.model)
-    generator = Generator.load(cfg.model, adapter=cfg.adapter)
+    generator = Generator.load(cfg.model, adapter=cfg.adapter, template=cfg.template, placement=cfg.placement)
     session = ChatSession(generator, cfg, given_decoding(args))
     if generator.template_problem:
         print(f"huayu chat: warning: {generator.template_problem}", file=sys.stderr)

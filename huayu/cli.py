@@ -12,7 +12,7 @@ import os
 import sys
 
 from huayu.errors import HuayuError
-from huayu.models.loading import ALLOW_PICKLE_ENV, ALLOW_PICKLE_FLAG
+from huayu.models.loading import ALLOW_PICKLE_ENV, ALLOW_PICKLE_FLAG, TRUST_REMOTE_CODE_ENV, TRUST_REMOTE_CODE_FLAG
 
 # command words -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -44,6 +44,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 # the commands that load a model or adapter from a directory
 LOADS_MODELS = {"pretrain", "sft", "finetune-cls", "eval", "export merge", "export reshard", "quantize",
                 "export onnx", "predict", "generate", "chat", "serve", "webui", "recipe run"}
+# ... and those that read a checkpoint's config or tokenizer, which may need the checkpoint's own code
+READS_CHECKPOINTS = LOADS_MODELS | {"plan", "data inspect", "data index", "data show-masked"}
 
 
 def _load(target: str):
@@ -69,6 +71,10 @@ def build_parser(name: str) -> argparse.ArgumentParser:
     if name in LOADS_MODELS:
         parser.add_argument(ALLOW_PICKLE_FLAG, action="store_true", help="load weights stored only as pickles "
                             "(pytorch_model.bin): unpickling can run code, so only for files you trust")
+    if name in READS_CHECKPOINTS:
+        parser.add_argument(TRUST_REMOTE_CODE_FLAG, action="store_true", help="load a checkpoint that ships its own "
+                            "Python code (auto_map in config.json, e.g. ChatGLM3): runs that code, so only for "
+                            "checkpoints you trust")
     parser.usage = _usage(parser)
     return parser
 
@@ -97,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     run = _load(COMMANDS[name][0])[1]
     if getattr(args, "allow_pickle_weights", False):
         os.environ[ALLOW_PICKLE_ENV] = "1"  # for this process and the stages a recipe runs
+    if getattr(args, "trust_remote_code", False):
+        os.environ[TRUST_REMOTE_CODE_ENV] = "1"
     try:
         return int(run(args) or 0)
     except HuayuError as exc:

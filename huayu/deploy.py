@@ -33,16 +33,11 @@ PARITY_TEXTS = ["好", "这家酒店很不错。", "房间太小了，服务也�
 
 def classifier_config(model_dir: str):
     """The config of a sequence-classification model directory; anything else is a HuayuError."""
-    from transformers import AutoConfig
-
-    from huayu.models.loading import is_classifier
+    from huayu.models.loading import is_classifier, load_config
 
     if not (Path(model_dir) / "config.json").is_file():
         raise HuayuError(f"'{model_dir}' is not a model directory (it has no config.json)")
-    try:
-        config = AutoConfig.from_pretrained(model_dir)
-    except (OSError, ValueError) as exc:
-        raise HuayuError(f"cannot read the config of '{model_dir}': {exc}") from None
+    config = load_config(model_dir)
     if not is_classifier(config):
         architectures = config.architectures or []
         raise HuayuError(f"'{model_dir}' is not a text classifier (architectures: {', '.join(architectures) or 'none'};"
@@ -56,13 +51,14 @@ def load_classifier(model_dir: str):
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from huayu.models.loading import check_safe_weights, pickle_weights_allowed
+    from huayu.models.loading import check_safe_weights, pickle_weights_allowed, remote_code_trusted
 
     classifier_config(model_dir)
     check_safe_weights(model_dir)
     hf_logging.disable_progress_bar()  # a bar for loading a few MB of weights is noise
     return AutoModelForSequenceClassification.from_pretrained(
-        model_dir, dtype=torch.float32, use_safetensors=None if pickle_weights_allowed() else True).eval()
+        model_dir, dtype=torch.float32, use_safetensors=None if pickle_weights_allowed() else True,
+        trust_remote_code=remote_code_trusted()).eval()
 
 
 def onnx_logits(path: Path) -> Logits:

@@ -80,26 +80,37 @@ class Generator:
     """A model and its tokenizer, ready to decode."""
 
     def __init__(self, model, tokenizer):
+        from huayu.data.chat_templates import reply_stop_id
         from huayu.models.families import family_of
 
         self.model, self.tokenizer = model.eval(), tokenizer
+        self.device = model_device(model)
         self.family = family_of(model.config)
         self.max_positions = getattr(model.config, "max_position_embeddings", None) or getattr(
             model.config, "n_positions", 1024)
-        eos = {tokenizer.eos_token_id} | set(_as_list(model.generation_config.eos_token_id))
+        # a reply also ends at its chat template's reply-ending token (<|im_end|>, GLM's <|user|>)
+        eos = {tokenizer.eos_token_id, reply_stop_id(tokenizer)} | set(_as_list(model.generation_config.eos_token_id))
         self.eos_ids = sorted(i for i in eos if i is not None)
         self.template_problem: str | None = None
         self._warned = False
         self.loop = DecoderLoop(model) if DecoderLoop.supports(model, self.family) else None
 
     @classmethod
-    def load(cls, path: str, dtype=None, adapter: str | None = None, quantization: str | None = None) -> "Generator":
+    def load(cls, path: str, dtype=None, adapter: str | None = None, quantization: str | None = None,
+             template: str | None = None, placement=None) -> "Generator":
         """The model at `path` (a model directory, or an adapter directory whose base is known),
-        with `adapter` (LoRA or prefix) applied when given, and optionally quantized on loading."""
-        from huayu.models.loading import load_for_inference, quantize_for_inference, resolve_adapter
+        with `adapter` (LoRA or prefix) applied when given, and optionally quantized on loading.
+        `template` (--template) replaces the tokenizer's chat template: a registry name or a .jinja file.
+        `placement` (InferenceArgs: --device, --torch-dtype, --quantization-bit, ...): default, auto."""
+        from huayu.data.chat_templates import use_template
+        from huayu.models.loading import InferenceArgs, load_for_inference, quantize_for_inference, resolve_adapter
 
+        placement = placement or InferenceArgs()
+        if quantization and placement.device == "auto":  # huayu's int8/int4 kernels are the CPU's
+            placement = dataclasses.replace(placement, device="cpu")
         base, adapter = resolve_adapter(path, adapter)
-        tokenizer, model = load_for_inference(base, adapter, dtype=dtype)
+        tokenizer, model = load_for_inference(base, adapter, dtype=dtype, placement=placement)
+        use_template(tokenizer, template)
         if not model.can_generate():
             raise HuayuError(f"the model at '{path}' ({model.config.model_type}) cannot generate text; an encoder "
                              "(BERT, ERNIE) classifies instead: huayu finetune-cls, then huayu predict")
@@ -134,8 +145,8 @@ class Generator:
         prompts = [self._budget(p, d) for p in prompts]
         width = max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         return {"input_ids": ids, "attention_mask": mask}
 
     def new_ids(self, prompts: list[list[int]], d: DecodingArgs) -> list[list[int]]:
@@ -337,7 +348,8 @@ class DecoderLoop:
         ended = [False] * rows
         step = self.decode_step(d)
         with torch.inference_mode():
-            logits = self._step(ids, mask[:, :width], positions, torch.arange(width), cache)
+            device = ids.device
+            logits = self._step(ids, mask[:, :width], positions, torch.arange(width, device=device), cache)
             positions = positions[:, -1:]
             for t in range(d.max_new_tokens):
                 tokens = choose_tokens(logits, params, [None] * rows, histories, outputs, [])
@@ -352,7 +364,8 @@ class DecoderLoop:
                 positions = positions + 1
                 with self.guards_checked_once(d, first_step=t == 0):
                     visible = mask if d.compile else mask[:, :width + t + 1]  # a growing cache: what it holds
-                    logits = step(torch.tensor(tokens).unsqueeze(1), visible, positions, torch.tensor([width + t]), cache)
+                    logits = step(torch.tensor(tokens, device=device).unsqueeze(1), visible, positions,
+                                  torch.tensor([width + t], device=device), cache)
 
 
 def _roomy_layer_class():
@@ -370,7 +383,8 @@ def _roomy_layer_class():
             size = used + key_states.shape[-2]
             if self.room is None or size > self.room[0].shape[-2]:
                 b, h, _, d = key_states.shape
-                room = [torch.empty(b, h, max(2 * size, 64), d, dtype=t.dtype) for t in (key_states, value_states)]
+                room = [torch.empty(b, h, max(2 * size, 64), d, dtype=t.dtype, device=t.device)
+                        for t in (key_states, value_states)]
                 if used:
                     room[0][:, :, :used], room[1][:, :, :used] = self.keys, self.values
                 self.room = room
@@ -391,6 +405,12 @@ def growing_cache(kv=None):
     for i, (k, v) in enumerate(kv or []):
         cache.update(k, v, i)
     return cache
+
+
+def model_device(model):
+    """Where a model's weights are (a bitsandbytes model is placed by its loader): its inputs, key/value
+    cache and sampling tensors go there."""
+    return next(model.parameters()).device
 
 
 def _as_list(x) -> list:

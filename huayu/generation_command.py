@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from huayu.config import add_config_arguments, config_from_args, field_doc
 from huayu.errors import HuayuError
 from huayu.generation import DecodingArgs
+from huayu.models.loading import InferenceArgs
 
 
 @dataclass
@@ -19,6 +20,7 @@ class GenerateConfig:
     decoding: DecodingArgs = field_doc("decoding", default_factory=DecodingArgs)
     batch_size: int = field_doc("prompts per batch", default=8)
     seed: int = field_doc("random seed (for sampling)", default=1234)
+    placement: InferenceArgs = field_doc("where the model runs", default_factory=InferenceArgs)
 
 
 def add_arguments(parser) -> None:
@@ -38,7 +40,7 @@ def run(args) -> None:
     if not cfg.model or not prompts:
         raise HuayuError("usage: huayu generate MODEL --prompt TEXT (or --file PROMPTS.txt)")
     torch.manual_seed(cfg.seed)
-    gen = Generator.load(cfg.model, adapter=cfg.adapter)
+    gen = Generator.load(cfg.model, adapter=cfg.adapter, placement=cfg.placement)
     if cfg.fill:
         for prompt in prompts:
             print(gen.fill(prompt, cfg.decoding))

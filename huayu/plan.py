@@ -190,12 +190,9 @@ def model_config(cfg: PlanConfig):
     from huayu.models.families import family_of_preset
 
     if Path(cfg.model).is_dir():
-        from transformers import AutoConfig
+        from huayu.models.loading import load_config
 
-        try:
-            return AutoConfig.from_pretrained(cfg.model)
-        except (OSError, ValueError) as exc:
-            raise HuayuError(f"cannot read a model config from '{cfg.model}': {exc}") from None
+        return load_config(cfg.model)
     if cfg.model in PLANNING_MODELS:
         from transformers import LlamaConfig
 
@@ -379,6 +376,7 @@ def _prepared_model(cfg: PlanConfig, config, family):
     with bf16 and for QLoRA, whose base is bf16 before it is quantized, else fp32; a CPU's training:
     its config's), prepared as the training stage prepares it: gradient checkpointing, then the
     fine-tuning method."""
+    from huayu.models.loading import remote_code_trusted
     from huayu.train.methods import apply_finetuning
 
     dtype = {}
@@ -387,7 +385,7 @@ def _prepared_model(cfg: PlanConfig, config, family):
     elif cfg.gpus:
         dtype = {"dtype": torch.float32}
     with torch.device("meta"):  # peft adapts a model on the meta device as it does a real one
-        model = family.auto().from_config(config, **dtype)
+        model = family.auto().from_config(config, **dtype, trust_remote_code=remote_code_trusted())
     if cfg.inference:
         return model
     if cfg.gradient_checkpointing:

@@ -176,9 +176,11 @@ def load_quantized(path: str, config, auto, dtype=None):
     from accelerate import init_empty_weights
     from safetensors.torch import load_file
 
+    from huayu.models.loading import remote_code_trusted
+
     record = getattr(config, RECORD)
     with init_empty_weights(include_buffers=False):  # computed buffers (RoPE's) stay real
-        model = auto.from_config(config)
+        model = auto.from_config(config, trust_remote_code=remote_code_trusted())
     for name, bits in record["layers"].items():
         old = model.get_submodule(name)
         out_features, in_features = _dense_weight(old).shape

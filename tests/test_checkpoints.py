@@ -1,33 +1,21 @@
 """Any local Hugging Face model directory works in every stage in place of a preset.
 
-Two tiny stand-ins for downloaded checkpoints, saved exactly as the hub's files are:
-a GPT-2 with a BERT-style Chinese vocabulary and no chat template (like uer/gpt2-chinese-*),
-and a Qwen2 whose tokenizer carries its own ChatML-style template.
+Two tiny stand-ins for downloaded checkpoints: a GPT-2 with a BERT-style Chinese vocabulary and no
+chat template (like uer/gpt2-chinese-*, from hub_checkpoints.py, which has one per model family),
+and a Qwen2 whose tokenizer is huayu's own char-level one with a ChatML-style template: a directory
+whose config says qwen2 must still load the tokenizer saved in it, not Qwen2's.
 """
 
 import json
 
 import pytest
-from conftest import DIALOGUES, TEXTS, write_conversations, write_texts
+from conftest import DIALOGUES, write_conversations, write_texts
+from hub_checkpoints import SHAPES, assert_spells_the_corpus, save_checkpoint
 
 from huayu.cli import main
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def _chars():
-    return sorted({c for t in TEXTS + [t for d in DIALOGUES for t in d] for c in t})
-
-
-def gpt2_bert_vocab(path):
-    from transformers import BertTokenizerFast, GPT2Config, GPT2LMHeadModel
-
-    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + _chars()) + "\n",
-                                    encoding="utf-8")
-    tok = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=False)
-    tok.save_pretrained(path)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=128)).save_pretrained(path)
 
 
 def qwen2_chatml(path, tokenizer):
@@ -46,9 +34,12 @@ def qwen2_chatml(path, tokenizer):
 
 @pytest.mark.parametrize("kind", ["gpt2-bert-vocab", "qwen2-chatml"])
 def test_every_stage_accepts_a_local_checkpoint(kind, tmp_path, tokenizer, capsys):
+    from huayu.models.loading import load_tokenizer
+
     base = tmp_path / "base"
     base.mkdir()
-    gpt2_bert_vocab(base) if kind == "gpt2-bert-vocab" else qwen2_chatml(base, tokenizer)
+    save_checkpoint(SHAPES["gpt2-chinese"], base) if kind == "gpt2-bert-vocab" else qwen2_chatml(base, tokenizer)
+    assert_spells_the_corpus(load_tokenizer(str(base)))
     texts, dialogues = write_texts(tmp_path / "t.txt"), write_conversations(tmp_path / "d.jsonl")
     common = ["--batch-size", "4", "--log-every", "1"]
     assert main(["pretrain", "--model", str(base), "--data", texts, "--seq-len", "32", "--max-steps", "3",
@@ -59,9 +50,8 @@ def test_every_stage_accepts_a_local_checkpoint(kind, tmp_path, tokenizer, capsy
                  "--max-new-tokens", "4"]) == 0
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["samples"] == len(DIALOGUES) and metrics["loss"] > 0
-    from transformers import AutoTokenizer
-
-    saved = AutoTokenizer.from_pretrained(tmp_path / "sft")
+    saved = load_tokenizer(str(tmp_path / "sft"))
+    assert_spells_the_corpus(saved)
     if kind == "qwen2-chatml":  # the checkpoint's own template is kept, not replaced
         assert saved.chat_template == CHATML
     else:  # no template of its own: huayu's default is added and saved with the model

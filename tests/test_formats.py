@@ -391,3 +391,16 @@ def test_cli_convert_to_text_writes_each_dialogue_as_a_document(tmp_path):
     assert main(["data", "convert", str(path), "--to", "text", "--out", str(tmp_path / "t.jsonl")]) == 0
     lines = (tmp_path / "t.jsonl").read_text(encoding="utf-8").splitlines()
     assert [json.loads(line) for line in lines] == [{"text": "你好\n你好，请说。"}]
+
+
+def test_cli_inspect_reports_the_share_of_unknown_tokens(tmp_path, tokenizer_dir, capsys):
+    covered = write(tmp_path / "covered.txt", "你好\t你好，很高兴认识你。\n")
+    assert main(["data", "inspect", str(covered), "--tokenizer", tokenizer_dir]) == 0
+    out, err = capsys.readouterr()
+    assert f"tokens ({tokenizer_dir}): 12\nunknown tokens (<unk>): 0 (0.00%)" in out and not err
+    rare = write(tmp_path / "rare.txt", "你好\t你好，很高兴认识你。\n龘龘\t靐\n")  # 龘, 靐: not in the vocabulary
+    assert main(["data", "inspect", str(rare), "--tokenizer", tokenizer_dir]) == 0
+    out, err = capsys.readouterr()
+    assert "unknown tokens (<unk>): 3 (20.00%)" in out
+    assert err == ("warning: 20.00% of the tokens are <unk> (above 1%): the tokenizer cannot spell this data; "
+                   "most common: '龘' 2, '靐' 1\n")

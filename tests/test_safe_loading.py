@@ -76,3 +76,96 @@ def test_pickle_only_weights_are_refused_unless_allowed(tmp_path, tiny_model_dir
     err = capsys.readouterr().err
     assert "pytorch_model.bin" in err and "--allow-pickle-weights" in err
     assert main(["eval", str(model_dir), "--data", data, *common, "--allow-pickle-weights"]) == 0
+
+
+# A checkpoint whose model type transformers does not ship, built by its own code (as ChatGLM3's is):
+# a Llama under another name, in the files config.json's auto_map names. Importing them leaves a mark.
+CUSTOM_CODE = {
+    "configuration_tiny.py": """from transformers import LlamaConfig
+
+open({marker!r}, "a").write("configuration\\n")
+
+
+class TinyConfig(LlamaConfig):
+    model_type = "tiny_remote"
+""",
+    "modeling_tiny.py": """from transformers import LlamaForCausalLM
+
+from .configuration_tiny import TinyConfig
+
+
+class TinyForCausalLM(LlamaForCausalLM):
+    config_class = TinyConfig
+""",
+    "tokenization_tiny.py": """from transformers import PreTrainedTokenizerFast
+
+open({marker!r}, "a").write("tokenization\\n")
+
+
+class TinyTokenizer(PreTrainedTokenizerFast):
+    pass
+""",
+}
+
+
+def _update_json(path, **values) -> dict:
+    import json
+
+    data = {**json.loads(path.read_text(encoding="utf-8")), **values}
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return data
+
+
+def custom_code_checkpoint(path, tokenizer, marker) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, max_position_embeddings=128)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    for name, code in CUSTOM_CODE.items():
+        (path / name).write_text(code.format(marker=str(marker)), encoding="utf-8")
+    _update_json(path / "config.json", model_type="tiny_remote", architectures=["TinyForCausalLM"],
+                 auto_map={"AutoConfig": "configuration_tiny.TinyConfig",
+                           "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"})
+    _update_json(path / "tokenizer_config.json", tokenizer_class="TinyTokenizer",
+                 auto_map={"AutoTokenizer": [None, "tokenization_tiny.TinyTokenizer"]})
+    return str(path)
+
+
+def test_a_checkpoints_own_code_runs_only_with_trust_remote_code(tmp_path, tokenizer, monkeypatch, capsys):
+    import io
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from huayu.models.loading import TRUST_REMOTE_CODE_ENV
+
+    monkeypatch.setenv(TRUST_REMOTE_CODE_ENV, "0")  # restored after the test, whatever the flag sets
+    marker = tmp_path / "code-ran"
+    model = custom_code_checkpoint(tmp_path / "m", tokenizer, marker)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    # piped, as a user's first chat line would be: nothing may read it as an answer to a prompt
+    refused = subprocess.run([sys.executable, "-m", "huayu.cli", "chat", model], input="y\n你好\n", env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and not refused.stdout
+    assert refused.stderr.splitlines() == [
+        f"huayu chat: error: '{model}' needs its own Python code to load (model type 'tiny_remote': "
+        "configuration_tiny.py, modeling_tiny.py), which huayu runs only when told to: pass --trust-remote-code "
+        f"(or set {TRUST_REMOTE_CODE_ENV}=1) if you trust that code"]
+    assert not marker.exists()
+    tokenizer_only = tmp_path / "tokenizer"  # a known model type whose tokenizer is its own code
+    shutil.copytree(model, tokenizer_only)
+    _update_json(tokenizer_only / "config.json", model_type="llama", auto_map={})
+    assert main(["chat", str(tokenizer_only)]) == 1
+    assert "(tokenizer TinyTokenizer: tokenization_tiny.py)" in capsys.readouterr().err
+    _update_json(tokenizer_only / "config.json", model_type="no_such_model")
+    assert main(["chat", str(tokenizer_only), "--trust-remote-code"]) == 1  # no code to trust: the flag cannot help
+    assert "model type 'no_such_model', which transformers" in capsys.readouterr().err
+    assert not marker.exists()
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("你好\n"))
+    assert main(["chat", model, "--trust-remote-code", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.count("\n") == 1  # one reply to the one line
+    assert set(marker.read_text().split()) == {"configuration", "tokenization"}  # its model and its tokenizer

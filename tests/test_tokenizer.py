@@ -254,3 +254,46 @@ def test_cli_sentinels_option(tmp_path):
     assert yaml.safe_load((out / "huayu_tokenizer.yaml").read_text(encoding="utf-8"))["sentinels"] == 100
     loaded = AutoTokenizer.from_pretrained(out)
     assert loaded.convert_tokens_to_ids("<extra_id_99>") == len(SPECIAL_TOKENS) + 99
+
+
+@pytest.mark.parametrize("name", ["llama", "mt5"])
+def test_a_sentencepiece_checkpoints_tokenizer_loads_from_its_model_file_and_converted(name, tmp_path):
+    """Chinese Llama-2 and mT5 (as ChatGLM3 and Baichuan2) ship a sentencepiece model file, often
+    without tokenizer.json: it loads (converted through sentencepiece and protobuf), its converted
+    copy loads the same, and both tokenize exactly as sentencepiece itself does."""
+    import sentencepiece
+    from hub_checkpoints import CORPUS, SHAPES, write_vocabulary_file
+
+    from huayu.models.loading import load_tokenizer
+
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    write_vocabulary_file(SHAPES[name], slow)
+    (model_file,) = slow.glob("*.model")
+    spm = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    from_model_file = load_tokenizer(str(slow))
+    from_model_file.save_pretrained(tmp_path / "fast")
+    converted = load_tokenizer(str(tmp_path / "fast"))
+    assert (tmp_path / "fast" / "tokenizer.json").exists()
+    for text in CORPUS + ["没见过的字：龘"]:
+        ids = spm.encode(text)
+        assert from_model_file(text, add_special_tokens=False)["input_ids"] == ids
+        assert converted(text, add_special_tokens=False)["input_ids"] == ids
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_eos(tmp_path):
+    """Llama's tokenizer has no pad token: batches are padded with eos, and the padding is masked
+    and carries no loss, so the eos that ends a reply is still learned where it really is."""
+    from hub_checkpoints import SHAPES, write_vocabulary_file
+
+    from huayu.data.batching import IGNORE, Example
+    from huayu.models.families import DECODER
+    from huayu.models.loading import load_tokenizer
+
+    write_vocabulary_file(SHAPES["llama"], tmp_path)
+    tok = load_tokenizer(str(tmp_path))
+    assert tok.pad_token == tok.eos_token == "</s>"
+    eos = tok.eos_token_id
+    batch = DECODER.collate(tok.pad_token_id)([Example([5, 6, eos], [5, 6, eos]), Example([7, eos], [7, eos])])
+    assert batch["input_ids"][1].tolist() == [7, eos, eos]
+    assert batch["attention_mask"][1].tolist() == [1, 1, 0] and batch["labels"][1].tolist() == [7, eos, IGNORE]

@@ -1,8 +1,12 @@
 """Dialogues to token ids through the tokenizer's own chat template, with exact loss masks.
 
-Each message is rendered by diffing the template's output for messages[:i] and messages[:i+1], so
-any prefix-stable Jinja template works (huayu's default, Qwen's, ...). An assistant message splits
-into a header (e.g. "<|assistant|>", no loss) and a body (content + end-of-turn, which is learned).
+Each message is rendered by diffing the template's output for messages[:i] and messages[:i+1]. An
+assistant message splits into a header (the generation prompt, e.g. "<|assistant|>", no loss) and a
+body (content + end-of-turn, which is learned). A template that renders a turn differently once
+the dialogue goes on (Qwen3 drops the reasoning of earlier replies) is not refused: each reply is
+learned as the template renders it at inference, after the very prompt the model then gets
+(`training_dialogues`). A registry template's reply-ending token is learned after every reply,
+also where the template writes none (huayu/data/chat_templates.py).
 
 Message content is always plain text: the template is rendered with an unguessable placeholder in
 place of each content, the template's own text is tokenized with its special tokens and each
@@ -17,6 +21,7 @@ import secrets
 from dataclasses import dataclass
 
 from huayu.data.batching import IGNORE, Example
+from huayu.data.chat_templates import reply_stop_id
 from huayu.data.templates import DEFAULT_CHAT_TEMPLATE, SEP
 from huayu.errors import HuayuError
 
@@ -46,14 +51,35 @@ def plain_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
 
 
-class _Placeholders:
-    """Messages whose contents are replaced by placeholders, and the ids of a rendering of them."""
+def _split_reasoning(content: str) -> dict[str, str]:
+    """A reply's <think> block as `reasoning_content`, split off as Qwen3's template splits it
+    itself, which it cannot do on a placeholder: so the template places or drops the reasoning."""
+    if "</think>" not in content:
+        return {"content": content}
+    return {"reasoning_content": content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n"),
+            "content": content.split("</think>")[-1].lstrip("\n")}
 
-    def __init__(self, messages: list[dict]):
+
+class _Placeholders:
+    """Messages whose texts are replaced by placeholders, and the ids of a rendering of them.
+    Empty texts stay empty, since templates test them (GLM-4 skips an empty message); for a
+    template that reads `reasoning_content` (Qwen3's), a reply's <think> block becomes that field."""
+
+    def __init__(self, tokenizer, messages: list[dict]):
         nonce = secrets.token_hex(8)  # a user cannot write a placeholder into their message
-        self.keys = [f"\x00{nonce}:{i}\x00" for i in range(len(messages))]
-        self.messages = [{**m, "content": key} for m, key in zip(messages, self.keys)]
-        self.contents = {key: m["content"] for m, key in zip(messages, self.keys)}
+        reasoning = "reasoning_content" in (tokenizer.chat_template or "")
+        self.contents: dict[str, str] = {}
+
+        def hide(text: str) -> str:
+            if not text:
+                return text
+            key = f"\x00{nonce}:{len(self.contents)}\x00"
+            self.contents[key] = text
+            return key
+
+        texts = [_split_reasoning(m["content"]) if reasoning and m["role"] == "assistant" else {"content": m["content"]}
+                 for m in messages]
+        self.messages = [{**m, **{field: hide(text) for field, text in t.items()}} for m, t in zip(messages, texts)]
         self.pattern = re.compile("(" + re.escape(f"\x00{nonce}:") + r"\d+\x00)")
 
     def ids(self, tokenizer, texts: list[str]) -> list[list[int]]:
@@ -74,28 +100,58 @@ def _render(tokenizer, messages, generation_prompt=False) -> str:
 
 
 def _segment_texts(tokenizer, messages: list[dict]) -> list[tuple[str, int, bool]]:
-    """(text, message index, is assistant body) pieces whose concatenation is the full rendering."""
+    """(text, message index, is a learnable assistant body) pieces whose concatenation is the
+    rendering of `messages`.
+
+    A piece ends wherever the rendering of the dialogue so far is a prefix of the whole: after
+    every message, for a prefix-stable template. A turn the template renders differently once the
+    dialogue goes on (a Qwen3 reply, whose reasoning is dropped) is joined to the next as context.
+    An assistant body is learnable when it follows its generation prompt and reads as the newest
+    reply reads: exactly what the model is prompted with, and must write, at inference.
+    """
+    whole = _render(tokenizer, messages)
     pieces, done = [], ""
+
+    def reach(text: str, message: int, is_body: bool = False) -> bool:
+        nonlocal done
+        if len(text) < len(done) or not whole.startswith(text):
+            return False
+        pieces.append((text[len(done):], message, is_body))
+        done = text
+        return True
+
     for i, message in enumerate(messages):
-        full = _render(tokenizer, messages[:i + 1])
-        if not full.startswith(done):
-            raise HuayuError("the chat template is not prefix-stable: rendering a longer dialogue "
-                             "changed the text of earlier turns")
-        if message["role"] == "assistant":
-            header = _render(tokenizer, messages[:i], generation_prompt=True)[len(done):]
-            body = full[len(done) + len(header):]
-            pieces += [(header, i, False), (body, i, True)]
-        else:
-            pieces.append((full[len(done):], i, False))
-        done = full
+        prompted = message["role"] == "assistant" and reach(_render(tokenizer, messages[:i], generation_prompt=True), i)
+        reach(_render(tokenizer, messages[:i + 1]), i, prompted)
     return [p for p in pieces if p[0]]
 
 
 def segments(tokenizer, messages: list[dict]) -> list[Segment]:
-    placeholders = _Placeholders(messages)
+    placeholders = _Placeholders(tokenizer, messages)
     pieces = _segment_texts(tokenizer, placeholders.messages)
     ids = placeholders.ids(tokenizer, [p[0] for p in pieces])
     return [Segment(i, m, t, messages[m]["role"]) for i, (_, m, t) in zip(ids, pieces)]
+
+
+def _last_assistant(messages: list[dict]) -> int:
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise HuayuError("a dialogue has no assistant turn to learn")
+    return last
+
+
+def training_dialogues(tokenizer, messages: list[dict], loss_on: str) -> list[tuple[list[dict], str]]:
+    """(messages, loss_on) to encode so that every assistant turn is learned once, as the template
+    renders it at inference: the dialogue itself, plus each reply that its rendering shows
+    otherwise (a Qwen3 reply without its reasoning) as a dialogue of its own that ends with it,
+    its loss on that reply alone. The one sequence a prefix-stable template gives is untouched."""
+    if loss_on != "assistant":
+        return [(messages, loss_on)]
+    last = _last_assistant(messages)
+    pieces = _segment_texts(tokenizer, _Placeholders(tokenizer, messages[:last + 1]).messages)
+    learned = {m for _, m, is_body in pieces if is_body}
+    rewritten = [i for i, m in enumerate(messages[:last]) if m["role"] == "assistant" and i not in learned]
+    return [(messages[:i + 1], "last") for i in rewritten] + [(messages, loss_on)]
 
 
 def _truncate_source(segs: list[Segment], max_len: int) -> list[Segment]:
@@ -121,39 +177,49 @@ def _truncate_source(segs: list[Segment], max_len: int) -> list[Segment]:
     return segs
 
 
-def _last_target(segs: list[Segment]) -> int:
-    for k in range(len(segs) - 1, -1, -1):
-        if segs[k].is_target:
-            return k
-    raise HuayuError("a dialogue has no assistant turn to learn")
-
-
 def encode_dialogue(tokenizer, messages: list[dict], max_source_length: int, max_target_length: int,
                     loss_on: str = "assistant", max_length: int | None = None) -> Example:
     """Token ids and labels for one training dialogue; the last assistant turn is the target.
 
     The reply is cut to `max_target_length` (and `max_length`), the context to `max_source_length`
     and to what `max_length` leaves beside the reply. `full_length` is the uncut length. Turns after
-    the last assistant message have nothing to learn and are not encoded.
+    the last assistant message have nothing to learn and are not encoded. A learned reply the
+    template does not end with its reply-ending token learns that token next: appended to the
+    last reply; for an earlier one, as the label where the next turn begins (GLM's <|user|> is
+    that token itself; Baichuan2's fine-tuning puts its eos there the same way).
     """
-    segs = segments(tokenizer, messages)
-    k = _last_target(segs)
+    last = _last_assistant(messages)
+    segs = segments(tokenizer, messages[:last + 1])
+    if not (segs and segs[-1].is_target and segs[-1].message == last):
+        raise HuayuError("the chat template renders the last reply otherwise than after the prompt it gives for it "
+                         "(the rendering with add_generation_prompt before the reply is not a prefix of the "
+                         "rendering with it), so no training sequence matches inference")
+    stop = reply_stop_id(tokenizer)
+
+    def ended(ids: list[int]) -> bool:
+        return stop is None or stop in ids
+
+    reply = segs[-1].ids + ([] if ended(segs[-1].ids) else [stop])
     limit = max_length if max_length is not None else max_source_length + max_target_length
-    target = segs[k].ids[:min(max_target_length, limit)]
-    source = _truncate_source(segs[:k], min(max_source_length, limit - len(target)))
-    ids, labels = [], []
+    target = reply[:min(max_target_length, limit)]
+    source = _truncate_source(segs[:-1], min(max_source_length, limit - len(target)))
+    ids, labels, stop_next = [], [], False
     for s in source:
         learn = loss_on == "all" or (loss_on == "assistant" and s.is_target)
+        seg_labels = list(s.ids) if learn else [IGNORE] * len(s.ids)
+        if stop_next:
+            seg_labels[0] = stop
+        stop_next = learn and s.is_target and not ended(s.ids)
         ids += s.ids
-        labels += s.ids if learn else [IGNORE] * len(s.ids)
-    return Example(ids + target, labels + target, full_length=sum(len(s.ids) for s in segs[:k + 1]))
+        labels += seg_labels
+    return Example(ids + target, labels + target, full_length=sum(len(s.ids) for s in segs[:-1]) + len(reply))
 
 
 def encode_prompt(tokenizer, context: list[dict], max_source_length: int) -> list[int]:
     """Ids of `context` plus the assistant header, truncated from the oldest turn. A prompt that
     fits is rendered once (linear in the number of messages); only one that must be cut is split
     into turns (which takes a rendering per turn)."""
-    placeholders = _Placeholders(context)
+    placeholders = _Placeholders(tokenizer, context)
     whole = _render(tokenizer, placeholders.messages, generation_prompt=True)
     (ids,) = placeholders.ids(tokenizer, [whole])
     if len(ids) <= max_source_length:
@@ -197,9 +263,7 @@ def encode_source_target(tokenizer, messages: list[dict], max_source_length: int
     """An encoder-decoder training example: source = the turns before the last assistant turn,
     target = that turn + eos, cut to `max_target_length` (eos kept); `max_length` caps both together.
     Only the reply carries loss: earlier assistant turns are context, as in EVA."""
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-    if last is None:
-        raise HuayuError("a dialogue has no assistant turn to learn")
+    last = _last_assistant(messages)
     (reply,) = plain_ids(tokenizer, [messages[last]["content"]])
     limit = max_length if max_length is not None else max_source_length + max_target_length
     target = reply[:max(min(max_target_length, limit) - 1, 0)] + [tokenizer.eos_token_id]
@@ -228,9 +292,7 @@ def encode_blank_dialogue(tokenizer, messages: list[dict], max_source_length: in
     """A GLM training example: the prompt of encode_blank_prompt, then the last assistant reply as
     the [gMASK] span, its labels aligned with the inputs (<sop> -> r1, ..., rn -> <eop>). Only the
     reply carries loss, as for encoder-decoders."""
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-    if last is None:
-        raise HuayuError("a dialogue has no assistant turn to learn")
+    last = _last_assistant(messages)
     _, _, eop = _glm_ids(tokenizer)
     (reply,) = plain_ids(tokenizer, [messages[last]["content"]])
     limit = max_length if max_length is not None else max_source_length + max_target_length

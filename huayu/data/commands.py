@@ -97,6 +97,9 @@ def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--format text: JSON field with a target (default: %(default)s)")
     parser.add_argument("--show", type=_int_at_least(0), default=2,
                         help="how many samples to print (default: %(default)s)")
+    parser.add_argument("--tokenizer", metavar="DIR",
+                        help="a tokenizer or model directory: also count tokens and the share the tokenizer cannot "
+                             "spell (unknown tokens), with the characters behind them")
 
 
 def run_inspect(args) -> int:
@@ -105,6 +108,8 @@ def run_inspect(args) -> int:
     lines += _text_stats(result.records) if args.format == "text" else _dialogue_stats(result.records)
     if args.skip_invalid:
         lines.append(f"skipped (invalid): {result.skipped:,}")
+    if args.tokenizer:
+        lines += _token_stats(args.tokenizer, [text for r in result.records for text in _texts(r)])
     print("\n".join(lines))
     for n, record in enumerate(result.records[: args.show], 1):
         print(f"\n[{n}] {record.source}\n{_render(record)}")
@@ -137,6 +142,48 @@ def _text_stats(records: list[TextRecord]) -> list[str]:
         f"characters per document: {_summary(chars)}",
         f"with target: {sum(r.target is not None for r in records):,}",
     ]
+
+
+def _texts(record: Dialogue | TextRecord) -> list[str]:
+    if isinstance(record, TextRecord):
+        return [record.text] + ([record.target] if record.target is not None else [])
+    return [m["content"] for m in record.messages]
+
+
+UNKNOWN_WARN_SHARE = 0.01  # above this share of unknown tokens the tokenizer does not fit the data
+TOKENIZE_BATCH = 1000
+
+
+def _token_stats(tokenizer_dir: str, texts: list[str]) -> list[str]:
+    """Token counts of `texts`, and how many are the tokenizer's unknown token: a vocabulary that
+    lacks the data's characters (a Latin-only one on Chinese, rare hanzi) turns them into one <unk>
+    the model cannot learn or say. Above UNKNOWN_WARN_SHARE, a warning names the commonest ones."""
+    import sys
+
+    from huayu.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    unk = tokenizer.unk_token_id
+    total, unknown = 0, Counter()  # the text behind each unknown token, where the tokenizer gives offsets
+    for start in range(0, len(texts), TOKENIZE_BATCH):
+        batch = texts[start:start + TOKENIZE_BATCH]
+        encoded = tokenizer(batch, add_special_tokens=False, split_special_tokens=True, verbose=False,
+                            return_offsets_mapping=tokenizer.is_fast)
+        for i, ids in enumerate(encoded["input_ids"]):
+            total += len(ids)
+            spans = encoded["offset_mapping"][i] if tokenizer.is_fast else [(0, 0)] * len(ids)
+            unknown.update(batch[i][a:b] or "?" for t, (a, b) in zip(ids, spans) if t == unk)
+    lines = [f"tokens ({tokenizer_dir}): {total:,}"]
+    if unk is None:
+        return lines + ["unknown tokens: none (the tokenizer has no unknown token)"]
+    count = sum(unknown.values())
+    share = count / total if total else 0.0
+    lines.append(f"unknown tokens ({tokenizer.unk_token}): {count:,} ({share:.2%})")
+    if share > UNKNOWN_WARN_SHARE:
+        common = ", ".join(f"{text!r} {n:,}" for text, n in unknown.most_common(10))
+        print(f"warning: {share:.2%} of the tokens are {tokenizer.unk_token} (above {UNKNOWN_WARN_SHARE:.0%}): the "
+              f"tokenizer cannot spell this data; most common: {common}", file=sys.stderr)
+    return lines
 
 
 def _render(record: Dialogue | TextRecord) -> str:

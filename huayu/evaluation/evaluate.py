@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from huayu.config import add_config_arguments, config_from_args, field_doc, save_config
+from huayu.data.chat_templates import TEMPLATE_HELP
 from huayu.data.sources import DialogueDataArgs
 from huayu.errors import HuayuError
 from huayu.generation import DecodingArgs
-from huayu.outputs import OVERWRITE_HELP, check_output_dir, claim_output_dir
 from huayu.models.families import CAUSAL
+from huayu.models.loading import InferenceArgs
+from huayu.outputs import OVERWRITE_HELP, check_output_dir, claim_output_dir
 
 USAGE = "usage: huayu eval MODEL --data PATH [--general-data PATH ...] --out DIR  (or MODEL --general-data PATH)"
 
@@ -36,6 +38,9 @@ class EvalConfig:
     out: str = field_doc("directory for metrics.json and the prediction files", default="out/eval")
     split: str = field_doc("which file of an EVA directory to read", default="test")
     dialogue: DialogueDataArgs = field_doc("how dialogues are read and cut", default_factory=DialogueDataArgs)
+    template: str | None = field_doc(TEMPLATE_HELP, default=None)
+    placement: InferenceArgs = field_doc("where the model runs", default_factory=InferenceArgs)
+    system: str | None = field_doc("system message given to every dialogue that has none", default=None)
     decoding: DecodingArgs = field(default_factory=DecodingArgs, metadata={"help": "decoding"})
     batch_size: int = field_doc("dialogues (or text blocks) per generation/loss batch", default=8)
     max_samples: int = field_doc("evaluate only the first N dialogues (0: all)", default=0)
@@ -69,13 +74,15 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 
 def _read_dialogues(cfg: EvalConfig) -> list:
+    """The test dialogues, each given --system unless it has a system message."""
+    from huayu.data.chat_templates import with_system
     from huayu.data.sources import read_dialogue_files
 
     dialogues = read_dialogue_files(cfg.data, cfg.dialogue, cfg.skip_invalid, cfg.split)
     dialogues = dialogues[:cfg.max_samples] if cfg.max_samples else dialogues
     if not dialogues:
         raise HuayuError(f"no dialogues in {', '.join(cfg.data)}")
-    return dialogues
+    return [replace(d, messages=with_system(d.messages, cfg.system)) for d in dialogues]
 
 
 def _read_general(cfg: EvalConfig) -> list:
@@ -88,10 +95,11 @@ def _read_general(cfg: EvalConfig) -> list:
 
 
 def _load_generator(cfg: EvalConfig):
-    """Pass `adapter` only when one is given, so a plain model loads with any Generator.load."""
+    """Pass `adapter` and `template` only when given, so a plain model loads with any Generator.load."""
     from huayu.generation import Generator
 
-    return Generator.load(cfg.model, **({"adapter": cfg.adapter} if cfg.adapter else {}))
+    options = {"adapter": cfg.adapter, "template": cfg.template}
+    return Generator.load(cfg.model, placement=cfg.placement, **{k: v for k, v in options.items() if v})
 
 
 def _evaluate_dialogues(cfg: EvalConfig, gen, dialogues: list) -> tuple[dict, list[dict]]:

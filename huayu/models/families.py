@@ -133,9 +133,13 @@ class Family:
 # adapter of 4·2·r·hidden weights per layer. `--lora-target all-linear` adapts the MLP too, as
 # QLoRA found worthwhile; the choice is the user's, the default stays cheap.
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-DECODER_LORA_TARGETS = {"llama": ATTENTION_PROJECTIONS, "qwen2": ATTENTION_PROJECTIONS,
-                        "mistral": ATTENTION_PROJECTIONS,
-                        "gpt2": ("c_attn",)}  # GPT-2's fused q/k/v projection, a Conv1D
+DECODER_LORA_TARGETS = {
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "glm", "glm4"),
+                    ATTENTION_PROJECTIONS),
+    "gpt2": ("c_attn",),  # GPT-2's fused q/k/v projection, a Conv1D
+    "bloom": ("query_key_value",),  # BLOOM's fused q/k/v projection, and ChatGLM's (its own code)
+    "chatglm": ("query_key_value",),
+}
 SEQ2SEQ_LORA_TARGETS = {"t5": ("q", "v"), "mt5": ("q", "v"),  # the LoRA paper's choice, T5's names
                         "bart": ("q_proj", "v_proj"), "mbart": ("q_proj", "v_proj")}
 ALL_LINEAR = "all-linear"
@@ -179,9 +183,9 @@ def family_of_model(spec: str) -> Family:
     from pathlib import Path
 
     if Path(spec, "config.json").exists():
-        from transformers import AutoConfig
+        from huayu.models.loading import load_config
 
-        return family_of(AutoConfig.from_pretrained(spec))
+        return family_of(load_config(spec))
     family = family_of_preset(spec)
     if family is None:
         raise HuayuError(f"'{spec}' is neither a model directory (with config.json) nor a preset "
@@ -193,17 +197,25 @@ def all_presets() -> list[str]:
     return [name for fam in FAMILIES.values() for name in fam.presets]
 
 
+# The config keys that give a stack's layer count: transformers' name (which GPT-2 maps to `n_layer`),
+# ChatGLM's and T5's `num_layers`, an encoder-decoder's decoder stack.
+LAYER_COUNT_KEYS = ("num_hidden_layers", "num_layers", "num_decoder_layers", "decoder_layers")
+
+
+def layer_count(config) -> int | None:
+    """The number of transformer blocks (an encoder-decoder's encoder's) a config says it has."""
+    return next((n for k in LAYER_COUNT_KEYS if (n := getattr(config, k, None))), None)
+
+
 def layer_stacks(model) -> list[tuple[str, "torch.nn.ModuleList"]]:
     """(name, blocks) of every stack of transformer blocks: a decoder's one, an encoder-decoder's
     encoder and decoder stacks.
 
     Found by shape, not by attribute name (`model.layers`, `transformer.h`, `decoder.block`, ...):
-    the ModuleLists as long as the config's layer count (`num_hidden_layers`, which GPT-2 maps to
-    `n_layer`, or an encoder-decoder's `num_decoder_layers` / `decoder_layers`)."""
+    the ModuleLists as long as one of the config's layer counts (LAYER_COUNT_KEYS)."""
     import torch
 
-    c = model.config
-    sizes = {getattr(c, k, None) for k in ("num_hidden_layers", "num_decoder_layers", "decoder_layers")} - {None, 0}
+    sizes = {getattr(model.config, k, None) for k in LAYER_COUNT_KEYS} - {None, 0}
     stacks = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) in sizes]
     if not stacks:
         raise HuayuError(f"cannot find the transformer layers of {type(model).__name__}")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from huayu.config import field_doc
 from huayu.errors import HuayuError
-from huayu.models.families import family_of, family_of_model, family_of_preset
+from huayu.models.families import family_of, family_of_model, family_of_preset, layer_count
 
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -58,6 +58,79 @@ def check_safe_weights(directory: str | Path, adapter: bool = False) -> None:
                          f"{ALLOW_PICKLE_FLAG} (or set {ALLOW_PICKLE_ENV}=1) if you trust these files")
 
 
+# A checkpoint's own Python code (`auto_map` in its config.json or tokenizer_config.json) runs only when the
+# user says they trust it.
+TRUST_REMOTE_CODE_ENV = "HUAYU_TRUST_REMOTE_CODE"
+TRUST_REMOTE_CODE_FLAG = "--trust-remote-code"
+
+
+def remote_code_trusted() -> bool:
+    """What every transformers Auto call gets as `trust_remote_code`: never None, which would make
+    transformers ask on stdin (taking the first line a user pipes into `huayu chat`)."""
+    return os.environ.get(TRUST_REMOTE_CODE_ENV, "") not in ("", "0", "false")
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _code_modules(auto_map) -> list[str]:
+    """The files of the classes an `auto_map` names ("repo--module.Class" or "module.Class"; a
+    tokenizer's entry is a [slow, fast] pair)."""
+    entries = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
+    refs = [r for e in entries for r in (e if isinstance(e, (list, tuple)) else [e]) if r]
+    return sorted({ref.split("--")[-1].rsplit(".", 1)[0] + ".py" for ref in refs})
+
+
+def check_remote_code(directory: str | Path) -> None:
+    """Refuse, before transformers is asked, a checkpoint that loads only by running its own code:
+    a model type transformers does not ship, built by the modules its config.json's `auto_map`
+    names, or a tokenizer class likewise, unless the user trusts it; a model type nothing can build
+    either way. A checkpoint that ships code for a model transformers knows loads with
+    transformers' own classes, running none of it."""
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    directory = Path(directory)
+    config = _read_json(directory / "config.json")
+    model_type = config.get("model_type")
+    known = not model_type or model_type in CONFIG_MAPPING
+    modules = _code_modules(config.get("auto_map", {}))
+    if not known and not modules:
+        import transformers
+
+        raise HuayuError(f"'{directory}' has model type '{model_type}', which transformers {transformers.__version__} "
+                         "does not know, and no code of its own (auto_map in config.json) to build it")
+    if remote_code_trusted():
+        return
+    if not known:
+        _refuse_code(directory, f"model type '{model_type}'", modules)
+    tokenizer = _read_json(directory / "tokenizer_config.json")
+    auto_map = tokenizer.get("auto_map", {})
+    code = auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else auto_map
+    declared = tokenizer.get("tokenizer_class")
+    if code and not (declared and (tokenizer_class_from_name(declared)
+                                   or tokenizer_class_from_name(declared.removesuffix("Fast")))):
+        _refuse_code(directory, f"tokenizer {declared or ''}".rstrip(), _code_modules(code))
+
+
+def _refuse_code(directory: Path, what: str, modules: list[str]) -> None:
+    raise HuayuError(f"'{directory}' needs its own Python code to load ({what}: {', '.join(modules)}), which "
+                     f"huayu runs only when told to: pass {TRUST_REMOTE_CODE_FLAG} (or set "
+                     f"{TRUST_REMOTE_CODE_ENV}=1) if you trust that code")
+
+
+def load_config(directory: str | Path):
+    """The transformers config of a model directory; one needing code of its own only if trusted."""
+    from transformers import AutoConfig
+
+    check_remote_code(directory)
+    try:
+        return AutoConfig.from_pretrained(directory, trust_remote_code=remote_code_trusted())
+    except (OSError, ValueError) as exc:
+        raise HuayuError(f"cannot read the model config of '{directory}': {exc}") from None
+
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION = ("sdpa", "flash_attention_2", "eager")
 
@@ -69,9 +142,9 @@ class LoadingArgs:
                                  default="auto")
     attn_implementation: str | None = field_doc(f"attention kernels: {' | '.join(ATTENTION)} (default: the "
                                                 "model's own choice)", default=None)
-    quantization_bit: int | None = field_doc("QLoRA: load the frozen base in 4 bits (NF4, double quantization) or "
-                                             "8 bits through bitsandbytes; CUDA only, with --finetuning-type lora",
-                                             default=None)
+    quantization_bit: int | None = field_doc("load the weights in 4 bits (NF4, double quantization) or 8 bits "
+                                             "through bitsandbytes, CUDA only (training: QLoRA, with "
+                                             "--finetuning-type lora)", default=None)
 
     def check(self) -> None:
         if self.torch_dtype not in DTYPES:
@@ -96,6 +169,14 @@ class LoadingArgs:
             kwargs.update(quantization_config=quantization_config(self.quantization_bit),
                           device_map={"": PartialState().local_process_index})
         return kwargs
+
+
+@dataclass
+class InferenceArgs(LoadingArgs):
+    """Where a model generates (chat, eval, generate, serve, webui, huayu.load): --device, and the
+    loading levers. On CUDA, --quantization-bit loads through bitsandbytes; huayu's own
+    --quantization int8/int4 is the CPU's path."""
+    device: str = field_doc("auto | cpu | cuda (auto: a CUDA GPU when there is one)", default="auto")
 
 
 def quantization_config(bits: int):
@@ -156,17 +237,17 @@ def resolve_adapter(spec: str, adapter: str | None = None) -> tuple[str, str | N
 
 
 def load_tokenizer(model: str, tokenizer: str | None = None):
-    """The tokenizer given explicitly, else the one saved with the model."""
-    from transformers import AutoTokenizer
-
+    """The tokenizer given explicitly, else the one saved with the model. Without a pad token it
+    pads with eos (padded positions carry no loss and are masked from attention)."""
     source = tokenizer or model
     if not Path(source).is_dir():
         if family_of_preset(model) is not None and tokenizer is None:
             raise HuayuError(f"'{model}' is a preset: pass --tokenizer DIR (train one with "
                              "`huayu tokenizer train`)")
         raise HuayuError(f"tokenizer '{source}' is not a directory")
+    check_remote_code(source)
     try:
-        tok = AutoTokenizer.from_pretrained(source)
+        tok = _saved_tokenizer(source)
     except (OSError, ValueError) as exc:
         raise HuayuError(f"cannot load a tokenizer from '{source}': {exc}") from None
     if tok.eos_token is None and tok.sep_token is not None:  # BERT-vocab Chinese GPT-2 checkpoints
@@ -176,6 +257,23 @@ def load_tokenizer(model: str, tokenizer: str | None = None):
     if _is_model_dir(model) or family_of_preset(model) is not None:
         family_of_model(model).add_special_tokens(tok)  # e.g. GLM's [gMASK], <sop>, ... for a new GLM
     return tok
+
+
+# the class transformers saves a plain `tokenizers` pipeline (tokenizer.json) under, by version
+PLAIN_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _saved_tokenizer(source: str):
+    """The tokenizer saved in `source` as it was saved. AutoTokenizer replaces a plain tokenizer.json
+    pipeline with the class it registers for some model types (a `qwen2` config gets Qwen2's byte-level
+    BPE, rebuilt from the vocabulary, which drops every Chinese character of a char-level one); a
+    plain pipeline is therefore loaded as one."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    declared = _read_json(Path(source, "tokenizer_config.json")).get("tokenizer_class")
+    if declared in PLAIN_TOKENIZER_CLASSES and Path(source, "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(source)
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=remote_code_trusted())
 
 
 def load_model(spec: str, tokenizer, dtype=None, seed: int = 0, adapter: str | None = None,
@@ -220,11 +318,9 @@ def _load_base(spec: str, tokenizer, dtype, seed: int, classes: list[str] | None
     hf_logging.disable_progress_bar()  # per-shard bars for tiny models are noise in huayu's output
     options = loading.kwargs() if loading is not None else {}
     if _is_model_dir(spec):
-        from transformers import AutoConfig
-
         from huayu.quantization import is_quantized, load_quantized
 
-        config = AutoConfig.from_pretrained(spec)
+        config = load_config(spec)
         classifier = classes is not None or is_classifier(config)
         auto = transformers.AutoModelForSequenceClassification if classifier else family_of(config).auto()
         if is_quantized(config):
@@ -237,7 +333,7 @@ def _load_base(spec: str, tokenizer, dtype, seed: int, classes: list[str] | None
         with _quiet_new_head(classes is not None):
             # by absolute path, so that an adapter trained on this model records where its base is
             model = auto.from_pretrained(str(Path(spec).resolve()), **{"dtype": dtype, **options},
-                                         **_classifier_kwargs(classes),
+                                         **_classifier_kwargs(classes), trust_remote_code=remote_code_trusted(),
                                          use_safetensors=None if pickle_weights_allowed() else True)
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             raise HuayuError(f"tokenizer has {len(tokenizer)} tokens but the model at '{spec}' "
@@ -274,13 +370,22 @@ def _quiet_new_head(new_head: bool):
         hf_logging.set_verbosity(level)
 
 
-def load_for_inference(spec: str, adapter: str | None = None, dtype=None):
-    """(tokenizer, model) of MODEL [--adapter]. An adapter's own tokenizer, which training saves
-    beside it with the chat template it was trained with, wins over the base's."""
+def load_for_inference(spec: str, adapter: str | None = None, dtype=None, placement: InferenceArgs | None = None):
+    """(tokenizer, model) of MODEL [--adapter], on `placement`'s device (default: the CPU). An
+    adapter's own tokenizer, which training saves beside it with the chat template it was trained
+    with, wins over the base's."""
+    from huayu.train.distributed import resolve_device
+
+    placement = placement or InferenceArgs(device="cpu")
+    placement.check()
+    device = resolve_device(placement.device)
     spec, adapter = resolve_adapter(spec, adapter)
     has_own = adapter is not None and (Path(adapter) / "tokenizer_config.json").exists()
     tokenizer = load_tokenizer(adapter if has_own else spec)
-    return tokenizer, load_model(spec, tokenizer, dtype=dtype, adapter=adapter)
+    model = load_model(spec, tokenizer, dtype=dtype, adapter=adapter, loading=placement)
+    if placement.quantization_bit is None:  # bitsandbytes placed its weights as it loaded them
+        model.to(device)
+    return tokenizer, model
 
 
 QUANTIZATIONS = {"int8": 8, "int4": 4}
@@ -293,6 +398,9 @@ def quantize_for_inference(model, quantization: str | None):
         return model
     if quantization not in QUANTIZATIONS:
         raise HuayuError(f"quantization must be one of {', '.join(QUANTIZATIONS)} (or None), got {quantization!r}")
+    if next(model.parameters()).device.type != "cpu":
+        raise HuayuError(f"--quantization {quantization} is huayu's CPU kernel: on a GPU load the weights in 8 or 4 "
+                         "bits with --quantization-bit 8|4 (bitsandbytes)")
     from huayu.quantization import quantize_model
 
     quantize_model(model, QUANTIZATIONS[quantization])
@@ -309,18 +417,16 @@ def peft_quietly():
 
 
 def _describe(config) -> str:
-    return (f"{config.model_type}, {config.num_hidden_layers} layers, hidden size {config.hidden_size}, "
-            f"vocab {config.vocab_size}")
+    vocab = getattr(config, "vocab_size", None) or getattr(config, "padded_vocab_size", None)  # ChatGLM's name
+    return f"{config.model_type}, {layer_count(config)} layers, hidden size {config.hidden_size}, vocab {vocab}"
 
 
 def _check_adapter_base(spec: str, adapter: str) -> str:
     """Fail if the adapter's recorded base, when it exists here, differs from MODEL in shape or
     architecture; else return the message that explains peft's errors if the base is still wrong."""
-    from transformers import AutoConfig
-
     base = adapter_config(adapter).get("base_model_name_or_path")
-    trained_on = _describe(AutoConfig.from_pretrained(base)) if base and _is_model_dir(base) else None
-    given = _describe(AutoConfig.from_pretrained(spec))
+    trained_on = _describe(load_config(base)) if base and _is_model_dir(base) else None
+    given = _describe(load_config(spec))
     mismatch = (f"adapter '{adapter}' was trained on base '{base}' ({trained_on or 'not available here'}) "
                 f"but MODEL '{spec}' is {given}")
     if trained_on is not None and trained_on != given:

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from huayu.errors import HuayuError
-from huayu.generation import DecoderLoop, DecodingArgs, growing_cache
+from huayu.generation import DecoderLoop, DecodingArgs, growing_cache, model_device
 from huayu.models.families import cache_argument, family_of
 from huayu.serve.sampling import SamplingParams, choose_tokens
 
@@ -78,6 +78,7 @@ class Engine:
     def __init__(self, model, tokenizer, eos_ids: list[int], max_positions: int,
                  max_batch_size: int = 16, max_waiting: int = 64, compile: bool = False):
         self.model, self.tokenizer, self.eos_ids = model.eval(), tokenizer, list(eos_ids)
+        self.device = model_device(model)  # the batch's ids, mask, cache and seeded generators live there
         self.cache_argument = cache_argument(model)
         self.family = family_of(model.config)
         # compiled: decode steps run over a static cache, rebuilt only when the batch changes
@@ -115,7 +116,7 @@ class Engine:
                 raise QueueFull(f"{held} requests are running or waiting, of at most {self.capacity}")
             for r in requests:
                 if r.params.seed is not None:  # any integer: torch takes 64 bits
-                    r.generator = torch.Generator().manual_seed(r.params.seed % 2 ** 64)
+                    r.generator = torch.Generator(device=self.device).manual_seed(r.params.seed % 2 ** 64)
                 self.waiting.append(r)
             self.wakeup.notify()
 
@@ -189,9 +190,9 @@ class Engine:
 
     def _decode(self) -> None:
         rows = self.running
-        ids = torch.tensor([[r.out[-1]] for r in rows])
+        ids = torch.tensor([[r.out[-1]] for r in rows], device=self.device)
         width = self.mask.shape[1]
-        mask = torch.cat([self.mask, torch.ones(len(rows), 1, dtype=self.mask.dtype)], dim=1)
+        mask = torch.cat([self.mask, torch.ones(len(rows), 1, dtype=self.mask.dtype, device=self.device)], dim=1)
         positions = self.family.next_positions(self.positions)
         if self.loop is None:
             logits = self._forward(ids, mask, positions, self.cache)
@@ -200,7 +201,7 @@ class Engine:
             step = self.loop.decode_step(DecodingArgs(compile=True), dynamic=True)
             with self.loop.guards_checked_once(DecodingArgs(compile=True), first_step=rebuilt):
                 logits = step(ids, torch.nn.functional.pad(mask, (0, self.room - width - 1), value=1), positions,
-                              torch.tensor([width]), self.cache)
+                              torch.tensor([width], device=self.device), self.cache)
         self.mask, self.positions = mask, positions
         self._advance(rows, logits)
 
@@ -215,7 +216,7 @@ class Engine:
         self.room = -(-width // 128) * 128
         cache = StaticCache(config=self.loop.model.config, max_cache_len=self.room)
         for i, (k, v) in enumerate(kv):
-            cache.update(k, v, i, {"cache_position": torch.arange(k.shape[2])})
+            cache.update(k, v, i, {"cache_position": torch.arange(k.shape[2], device=self.device)})
         self.cache = cache
         return True
 
@@ -224,8 +225,8 @@ class Engine:
         all is computed, so that a failure here leaves the running requests as they were."""
         new = self.admitting
         width = max(len(r.prompt) for r in new)
-        ids = torch.tensor([[self.pad_id] * (width - len(r.prompt)) + r.prompt for r in new])
-        mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in new])
+        ids = torch.tensor([[self.pad_id] * (width - len(r.prompt)) + r.prompt for r in new], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in new], device=self.device)
         positions = self.family.prefill_positions(self.model, ids, mask)
         cache = growing_cache()
         logits = self._forward(ids, mask, positions, cache)
@@ -288,7 +289,7 @@ class Engine:
         if not keep:
             self.cache, self.mask, self.positions = None, None, None
             return
-        index = torch.tensor(keep)
+        index = torch.tensor(keep, device=self.device)
         mask, self.positions = self.mask[index], self.positions[index]
         first = int(mask.any(0).nonzero()[0])
         self.cache = growing_cache([(k[index, :, first:], v[index, :, first:]) for k, v in self._kv()])

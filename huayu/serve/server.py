@@ -24,7 +24,9 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from huayu.config import add_config_arguments, config_from_args, field_doc
+from huayu.data.chat_templates import TEMPLATE_HELP, with_system
 from huayu.errors import HuayuError
+from huayu.models.loading import InferenceArgs
 from huayu.serve.engine import Engine, Event, QueueFull, Request
 from huayu.serve.protocol import APIError, ChatRequest, CompletionRequest, Decoding, validation_error
 
@@ -52,6 +54,9 @@ class ServeConfig:
     max_request_bytes: int = field_doc("request bodies larger than this are refused (413) before they are read",
                                        default=4 * 2 ** 20)
     max_messages: int = field_doc("chat requests with more messages than this are refused (400)", default=256)
+    template: str | None = field_doc(TEMPLATE_HELP, default=None)
+    placement: InferenceArgs = field_doc("where the model runs", default_factory=InferenceArgs)
+    system: str | None = field_doc("system message of chat requests that bring none", default=None)
     special_tokens_in_prompts: bool = field_doc("completions: let special-token text in a prompt (e.g. </s>, "
                                                 "<|im_start|>) become control tokens; off: encoded as plain text",
                                                 default=False)
@@ -88,7 +93,8 @@ class Service:
             raise APIError(400, f"messages: {len(body.messages)} messages, more than this server takes "
                            f"({self.cfg.max_messages})", param="messages", code="invalid_value")
         try:
-            return self.generator.encode_chat(body.messages_for_template(), max_source_length=10 ** 9)
+            messages = with_system(body.messages_for_template(), self.cfg.system)
+            return self.generator.encode_chat(messages, max_source_length=10 ** 9)
         except Exception as exc:  # the model's own Jinja template refusing these messages
             raise APIError(400, f"messages: the model's chat template cannot render them: {exc}", param="messages",
                            code="invalid_value") from None
@@ -350,7 +356,8 @@ def build_service(cfg: ServeConfig) -> Service:
     if wrong:
         raise HuayuError("; ".join(wrong))
     torch.set_num_threads(cfg.threads or available_cpus())
-    gen = Generator.load(cfg.model, adapter=cfg.adapter, quantization=cfg.quantization)
+    gen = Generator.load(cfg.model, adapter=cfg.adapter, quantization=cfg.quantization, template=cfg.template,
+                         placement=cfg.placement)
     if gen.model.config.is_encoder_decoder:
         raise HuayuError(f"'{cfg.model}' is an encoder-decoder model, which huayu serve does not batch yet")
     if gen.template_problem:

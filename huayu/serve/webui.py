@@ -13,7 +13,9 @@ from typing import Iterator
 
 from huayu.api import chat_decoding
 from huayu.config import add_config_arguments, config_from_args, field_doc, given_options
+from huayu.data.chat_templates import TEMPLATE_HELP
 from huayu.generation import EVA_BEAM
+from huayu.models.loading import InferenceArgs
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read by gradio at launch: no telemetry, no version check
 
@@ -31,6 +33,8 @@ class WebUIConfig:
     host: str = field_doc("address to listen on (0.0.0.0: every interface)", default="127.0.0.1")
     port: int = field_doc("port to listen on", default=7860)
     system: str | None = field_doc("optional system message", default=None)
+    template: str | None = field_doc(TEMPLATE_HELP, default=None)
+    placement: InferenceArgs = field_doc("where the model runs", default_factory=InferenceArgs)
     seed: int = field_doc("random seed for sampling", default=1234)
     beam: bool = field_doc("start with EVA's beam-search preset ticked", default=False)
     temperature: float = field_doc("starting temperature (a slider not set here starts where the model's "
@@ -134,7 +138,10 @@ def run(args) -> int:
 
     cfg = config_from_args(WebUIConfig, args)
     cfg.model = model_or_bundled(cfg.model)
-    chat_model = load(cfg.model, adapter=cfg.adapter, quantization=cfg.quantization)
+    chat_model = load(cfg.model, adapter=cfg.adapter, quantization=cfg.quantization, template=cfg.template,
+                      dtype=cfg.placement.torch_dtype, device=cfg.placement.device,
+                      quantization_bit=cfg.placement.quantization_bit,
+                      attn_implementation=cfg.placement.attn_implementation)
     start_sliders(cfg, given_options(args), chat_model.decoding)
     torch.manual_seed(cfg.seed)
     demo = build_demo(chat_model, cfg)

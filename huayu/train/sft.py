@@ -4,7 +4,9 @@ Loss is on assistant turns by default (`all`: every token; `last`: the final rep
 is cut to `max_target_length`, the context (from its oldest turn) to `max_source_length` and to what
 `max_seq_length` leaves beside the reply; `skip_overlength` drops too-long examples instead. Every
 cut or dropped example is counted and reported. Encoded examples are cached on disk
-(huayu/data/cache.py). `replay_data` mixes general data in, against forgetting it.
+(huayu/data/cache.py). `replay_data` mixes general data in, against forgetting it. `template`
+renders the dialogues with one of the field's chat templates or a .jinja file, and is saved with
+the output; `system` gives every dialogue without a system message that one.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from huayu.config import add_config_arguments, config_from_args, field_doc
 from huayu.data.batching import Example
 from huayu.data.cache import DataCacheConfig, add_no_cache_flag
 from huayu.data.chat import LOSS_ON
+from huayu.data.chat_templates import TEMPLATE_HELP
 from huayu.data.sources import DialogueDataArgs
 from huayu.errors import HuayuError
 from huayu.train.stage import StageConfig, run_stage
@@ -26,6 +29,9 @@ class SftConfig(DataCacheConfig, StageConfig):
     out: str = field_doc("output directory", default="out/sft")
     dialogue: DialogueDataArgs = field_doc("how dialogues are read and cut", default_factory=DialogueDataArgs)
     loss_on: str = field_doc(f"which tokens carry loss: {', '.join(LOSS_ON)}", default="assistant")
+    template: str | None = field_doc(TEMPLATE_HELP + "; saved with the output, so inference renders chats "
+                                     "as training did", default=None)
+    system: str | None = field_doc("system message given to every dialogue that has none", default=None)
     max_seq_length: int = field_doc("max tokens of context + reply (0: max_source_length + max_target_length)",
                                     default=0)
     skip_overlength: bool = field_doc("drop (and count) dialogues longer than max_seq_length instead of "
@@ -39,33 +45,49 @@ def seq_limit(cfg: SftConfig) -> int:
     return cfg.max_seq_length or cfg.dialogue.max_source_length + cfg.dialogue.max_target_length
 
 
-def fit_dialogue(tokenizer, messages: list[dict], cfg: SftConfig) -> tuple[Example | None, bool]:
+def fit_dialogue(tokenizer, messages: list[dict], cfg: SftConfig, loss_on: str) -> tuple[Example | None, bool]:
     """(example or None, whether it was cut) of one dialogue within the length limits; None when
     it is longer than max_seq_length and skip_overlength is set."""
     from huayu.models.families import family_of_model
 
     d, limit = cfg.dialogue, seq_limit(cfg)
     example = family_of_model(cfg.model).encode_dialogue(tokenizer, messages, d.max_source_length,
-                                                         d.max_target_length, cfg.loss_on, limit)
+                                                         d.max_target_length, loss_on, limit)
     if cfg.skip_overlength and example.full_length > limit:
         return None, False
     return example, example.full_length > len(example.input_ids)
+
+
+def dialogue_examples(tokenizer, messages: list[dict], cfg: SftConfig) -> list[tuple[list[dict], str]]:
+    """(messages, loss_on) of the examples one dialogue gives: itself, with --system added, plus
+    for a causal LM each reply its template renders otherwise later in the dialogue (Qwen3's),
+    as the dialogue up to it (huayu.data.chat.training_dialogues)."""
+    from huayu.data.chat import training_dialogues
+    from huayu.data.chat_templates import with_system
+    from huayu.models.families import CAUSAL, family_of_model
+
+    messages = with_system(messages, cfg.system)
+    if family_of_model(cfg.model).layout != CAUSAL:  # the others learn only the last reply
+        return [(messages, cfg.loss_on)]
+    return training_dialogues(tokenizer, messages, cfg.loss_on)
 
 
 def encode_dialogues(tokenizer, dialogues: list, cfg: SftConfig, split: str, notes: list[str]):
     """Yield the examples of `dialogues`; how many were cut or dropped is appended to `notes`."""
     from tqdm.auto import tqdm
 
-    cut = dropped = 0
+    examples = cut = dropped = 0
     for dialogue in tqdm(dialogues, desc=f"encode {split}", unit="dlg", leave=False):
-        example, truncated = fit_dialogue(tokenizer, dialogue.messages, cfg)
-        if example is None:
-            dropped += 1
-            continue
-        cut += truncated
-        yield example
+        for messages, loss_on in dialogue_examples(tokenizer, dialogue.messages, cfg):
+            example, truncated = fit_dialogue(tokenizer, messages, cfg, loss_on)
+            if example is None:
+                dropped += 1
+                continue
+            examples += 1
+            cut += truncated
+            yield example
     d, limit = cfg.dialogue, seq_limit(cfg)
-    note = (f"{split}: {len(dialogues):,} dialogues -> {len(dialogues) - dropped:,} examples; {cut:,} truncated "
+    note = (f"{split}: {len(dialogues):,} dialogues -> {examples:,} examples; {cut:,} truncated "
             f"to max source/target/total length {d.max_source_length}/{d.max_target_length}/{limit}")
     if cfg.skip_overlength:
         note += f"; {dropped:,} longer than {limit} tokens dropped (--skip-overlength)"
@@ -88,7 +110,7 @@ def dialogue_dataset(cfg: SftConfig, tokenizer, paths: list[str], split: str):
     from huayu.models.families import family_of_model
 
     options = {"family": family_of_model(cfg.model).name, "dialogue": asdict(cfg.dialogue), "split": split,
-               "skip_invalid": cfg.skip_invalid,
+               "skip_invalid": cfg.skip_invalid, "system": cfg.system,
                "loss_on": cfg.loss_on, "max_seq_length": seq_limit(cfg), "skip_overlength": cfg.skip_overlength}
     return cached_dataset("sft", paths, tokenizer, options, build, cfg)
 
@@ -143,8 +165,11 @@ def mix_replay(train, replay, cfg: SftConfig):
 def build_examples(cfg: SftConfig, tokenizer):
     from huayu.data.cache import ArrowExamples
     from huayu.data.chat import ensure_chat_template
+    from huayu.data.chat_templates import use_template
 
-    ensure_chat_template(tokenizer)  # before the cache key is computed: the template shapes the ids
+    # before the cache key is computed: the template shapes the ids; the tokenizer is saved with it
+    use_template(tokenizer, cfg.template)
+    ensure_chat_template(tokenizer)
     train = dialogue_dataset(cfg, tokenizer, cfg.data, "train")
     if cfg.replay_data:
         train = mix_replay(train, replay_dataset(cfg, tokenizer), cfg)
