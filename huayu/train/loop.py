@@ -64,8 +64,9 @@ class TrainArgs:
                                              "long sequences, about a third more compute", default=False)
     fsdp: bool = field_doc("shard parameters, gradients and optimiser state over the processes (FSDP2, one unit "
                            "per decoder layer); on by itself under an accelerate FSDP config", default=False)
-    deepspeed: str | None = field_doc("a DeepSpeed config (JSON, e.g. examples/deepspeed/zero3.json): shard with ZeRO-2/3 "
-                                      "under torchrun; accelerate launch with a DeepSpeed config does the same",
+    deepspeed: str | None = field_doc("a DeepSpeed config (JSON, e.g. examples/deepspeed/zero3.json): shard with "
+                                      "ZeRO-2/3 under torchrun; accelerate launch with a DeepSpeed config does the "
+                                      "same",
                                       default=None)
     pure_bf16: bool = field_doc("train a bf16/fp16 model's weights in that precision (no fp32 master weights: "
                                 "half the memory, less exact updates)", default=False)

@@ -121,7 +121,8 @@ class FullyShardedFSDP2(Replicated):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         names = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "")
-        names = {n.strip() for n in names.split(",") if n.strip()} or set(getattr(model, "_no_split_modules", None) or ())
+        names = {n.strip() for n in names.split(",") if n.strip()} or \
+            set(getattr(model, "_no_split_modules", None) or ())
         layers = [m for m in model.modules() if type(m).__name__ in names]
         if not layers:
             raise HuayuError(f"--fsdp: no decoder layers to shard by in {type(model).__name__} (looked for "
