@@ -69,8 +69,9 @@ def build_parser(name: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"huayu {name}", description=help_)
     _load(target)[0](parser)
     if name in LOADS_MODELS:
-        parser.add_argument(ALLOW_PICKLE_FLAG, action="store_true", help="load weights stored only as pickles "
-                            "(pytorch_model.bin): unpickling can run code, so only for files you trust")
+        parser.add_argument(ALLOW_PICKLE_FLAG, action="store_true", help="load pickles: weights stored only as "
+                            "pytorch_model.bin, DeepSpeed checkpoints; unpickling can run code, so only for files you "
+                            "trust")
     if name in READS_CHECKPOINTS:
         parser.add_argument(TRUST_REMOTE_CODE_FLAG, action="store_true", help="load a checkpoint that ships its own "
                             "Python code (auto_map in config.json, e.g. ChatGLM3): runs that code, so only for "

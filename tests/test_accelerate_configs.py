@@ -1,6 +1,7 @@
 """The accelerate configs shipped in examples/accelerate/ parse with accelerate's own code and say what
-their names promise: 8 processes on one machine, bf16, and DDP / FSDP full sharding. (No DeepSpeed
-configs: huayu's loop refuses DeepSpeed launches until it runs DeepSpeed's engine; docs/distributed.md.)
+their names promise: 8 processes on one machine, bf16, and DDP / FSDP full sharding / DeepSpeed
+ZeRO-2 and ZeRO-3 (whose settings are examples/deepspeed/zero*.json, parsed by accelerate's
+DeepSpeedPlugin and DeepSpeed's own config class).
 
 Each file goes through what `accelerate launch --config_file FILE` does before it starts any process
 (the config loader, the launcher's argument merge, the environment it hands to the workers) and then
@@ -14,7 +15,7 @@ from unittest import mock
 import pytest
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "accelerate"
-EXPECTED = {"ddp": "MULTI_GPU", "fsdp": "FSDP"}
+EXPECTED = {"ddp": "MULTI_GPU", "fsdp": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}
 
 
 def _launch_args(path: Path):
@@ -46,7 +47,8 @@ def test_config_parses_with_accelerate(name):
     assert isinstance(config, ClusterConfig)
     assert config.distributed_type.value == EXPECTED[name]
     assert (config.num_processes, config.num_machines, config.machine_rank) == (8, 1, 0)
-    assert config.mixed_precision == "bf16"
+    # a DeepSpeed config takes its precision from its JSON file ("auto": huayu's --bf16)
+    assert config.mixed_precision == (None if name.startswith("zero") else "bf16")
     assert config.use_cpu is False
     assert ClusterConfig.from_yaml_file(str(path)).to_dict() == config.to_dict()
 
@@ -61,9 +63,11 @@ def test_every_nested_key_is_a_launch_option(name):
     config = load_config_from_file(str(CONFIGS / f"{name}.yaml"))
     options = {a.dest for a in launch.launch_command_parser()._actions}
     assert not sorted(set(config.fsdp_config) - options)
+    assert not sorted(set(config.deepspeed_config) - options)
     args, _ = _launch_args(CONFIGS / f"{name}.yaml")
-    assert args.num_processes == 8 and args.mixed_precision == "bf16"
-    assert (args.multi_gpu, args.use_fsdp, args.use_deepspeed) == (name == "ddp", name == "fsdp", False)
+    assert args.num_processes == 8
+    assert (args.multi_gpu, args.use_fsdp, args.use_deepspeed) == (name == "ddp", name == "fsdp",
+                                                                   name.startswith("zero"))
 
 
 def test_fsdp_config_asks_huayu_for_fsdp2_with_whole_loading():
@@ -79,3 +83,37 @@ def test_fsdp_config_asks_huayu_for_fsdp2_with_whole_loading():
     assert "FSDP_TRANSFORMER_CLS_TO_WRAP" not in env  # unset: taken from the model
     with mock.patch.dict(os.environ, env):
         assert distributed.fsdp_requested(False)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_configs_parse_and_leave_the_loop_to_huayu(stage, monkeypatch):
+    """zero{2,3}.yaml hand the workers the JSON file; accelerate's DeepSpeedPlugin and DeepSpeed's own
+    config class read it as ZeRO-N once huayu has filled its "auto" values from its flags."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DeepSpeedPlugin
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from huayu.train import distributed, loop, parallel
+
+    args, defaults = _launch_args(CONFIGS / f"zero{stage}.yaml")
+    args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)  # as launch_command does
+    _, env = prepare_deepspeed_cmd_env(args)
+    assert env["ACCELERATE_USE_DEEPSPEED"] == "true"
+    assert env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] == f"examples/deepspeed/zero{stage}.json"
+    assert env.get("ACCELERATE_DEEPSPEED_ZERO3_INIT", "false") == "false"  # every rank loads, then shards
+    with mock.patch.dict(os.environ, {k: v for k, v in env.items() if k.startswith("ACCELERATE_DEEPSPEED")}):
+        monkeypatch.chdir(CONFIGS.parents[1])
+        plugin = DeepSpeedPlugin()
+    assert plugin.zero_stage == stage
+    accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin))
+    layout = parallel.DeepSpeedZeRO(accelerator, loop.TrainArgs(batch_size=4, grad_accum=2, max_grad_norm=1.0))
+    assert layout.stage == stage and layout.everyone_validates == (stage == 3)
+    config = {k: v for k, v in plugin.deepspeed_config.items() if k not in ("bf16", "fp16")}  # accelerate fills these
+    parsed = DeepSpeedConfig(config)
+    assert parsed.zero_optimization_stage == stage
+    assert (parsed.train_micro_batch_size_per_gpu, parsed.gradient_accumulation_steps) == (4, 2)
+    assert parsed.gradient_clipping == 1.0
+    with mock.patch.dict(os.environ, env):
+        assert distributed.deepspeed_requested()

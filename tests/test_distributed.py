@@ -12,9 +12,12 @@ import pytest
 from conftest import TEXTS, write_texts
 
 from huayu.cli import main
-from huayu.train import distributed, loop
+from huayu.errors import HuayuError
+from huayu.models.loading import ALLOW_PICKLE_ENV
+from huayu.train import distributed, loop, parallel
 
 GLOBAL_BATCH, STEPS = 4, 6
+REPOSITORY = Path(__file__).parents[1]
 
 # Runs a huayu command with an audit hook that records, per rank, every write (open for writing,
 # mkdir, rename/replace, remove, rmtree) under the watched directories: a write by any rank but 0
@@ -68,7 +71,7 @@ def launch(tmp_path, launcher_command, args, watched: list[Path], records: Path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1]),
            "WATCHED_DIRS": os.pathsep.join(map(str, watched)), "WRITE_RECORDS": str(records)}
     proc = subprocess.run([*launcher_command, str(launcher), *args], env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, cwd=REPOSITORY)  # the shipped configs name files relative to it
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
@@ -109,7 +112,6 @@ def two_processes_and_one(tmp_path, tokenizer_dir, extra: list[str]):
     assert difference < 1e-4
     assert json.loads((multi / "train_result.json").read_text())["eval_loss"] == pytest.approx(
         json.loads((single / "train_result.json").read_text())["eval_loss"], abs=1e-4)
-    assert written_by(records, 1) == ""
     return data, cache, multi, records
 
 
@@ -129,6 +131,7 @@ def resumed_at_step_3(tmp_path, tokenizer_dir, data, cache, run: Path, extra: li
 
 def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, tokenizer_dir):
     data, cache, ddp, records = two_processes_and_one(tmp_path, tokenizer_dir, [])
+    assert written_by(records, 1) == ""
     assert tree(ddp) == tree(tmp_path / "single")
     assert not [p for p in ddp.rglob("*") if ".tmp" in p.name]
     assert "model.safetensors" in written_by(records, 0) and "blocks-" in written_by(records, 0)
@@ -174,32 +177,80 @@ def test_accelerate_launch_multi_gpu_runs_the_same_ddp_on_cpu(tmp_path, tokenize
     assert written_by(records, 1) == "" and "model.safetensors" in written_by(records, 0)
 
 
-def test_accelerate_launch_with_the_shipped_fsdp_config_shards_the_model(tmp_path, tokenizer_dir):
+@pytest.mark.parametrize("config, says", [("fsdp", "FSDP: parameters, gradients and optimiser state sharded over 2"),
+                                          ("zero3", "DeepSpeed ZeRO-3 over 2 processes")])
+def test_accelerate_launch_with_a_shipped_config_shards_the_model(tmp_path, tokenizer_dir, config, says):
     data, out = write_texts(tmp_path / "t.txt", TEXTS * 64), tmp_path / "out"
-    config = Path(__file__).parents[1] / "examples" / "accelerate" / "fsdp.yaml"
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-                  "--num_processes", "2", "--main_process_port", "0"]
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                  str(REPOSITORY / "examples" / "accelerate" / f"{config}.yaml"), "--num_processes", "2",
+                  "--main_process_port", "0"]
     proc = launch(tmp_path, accelerate, pretrain_args(tokenizer_dir, data, out, GLOBAL_BATCH // 2, steps=2), [out],
                   tmp_path / "writes")
-    assert "FSDP: parameters, gradients and optimiser state sharded over 2 processes" in proc.stdout
+    assert says in proc.stdout
     assert json.loads((out / "train_result.json").read_text())["steps"] == 2
 
 
-def test_a_deepspeed_launch_is_refused(monkeypatch, tmp_path, tokenizer_dir, capsys):
-    """An accelerate config asking for DeepSpeed would be silently ignored by the loop: an error."""
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    data = write_texts(tmp_path / "t.txt")
-    assert main(pretrain_args(tokenizer_dir, data, tmp_path / "out", 2)) == 1
-    assert "shard with FSDP instead" in capsys.readouterr().err
+@pytest.mark.parametrize("stage, accumulation", [(2, ["--batch-size", "1", "--grad-accum", "2"]), (3, [])])
+def test_deepspeed_zero_over_two_processes_trains_like_one_and_resumes(tmp_path, tokenizer_dir, stage,
+                                                                        accumulation):
+    """DeepSpeed ZeRO-2 (here with accumulation over 2 micro-batches) and ZeRO-3 through accelerate,
+    DeepSpeed's CPU build on gloo: the one-process losses with the shipped configs; the final model
+    is whole and loads with plain transformers; a checkpoint is DeepSpeed's own, which resumes
+    exactly with --allow-pickle-weights (and not without it)."""
+    from transformers import AutoModelForCausalLM
+
+    config = str(REPOSITORY / "examples" / "deepspeed" / f"zero{stage}.json")
+    data, cache, run, _ = two_processes_and_one(tmp_path, tokenizer_dir, ["--deepspeed", config, *accumulation])
+    plain = AutoModelForCausalLM.from_pretrained(run)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "single")
+    assert max(float((a - b).abs().max()) for a, b in zip(plain.parameters(), reference.parameters())) < 1e-3
+    step = run / "checkpoints" / "step-3"
+    assert (step / "deepspeed").is_dir() and not (step / "model.safetensors").exists()
+    assert parallel.checkpoint_layout(step) == {"kind": "deepspeed", "processes": 2, "stage": stage}
+    resumed_at_step_3(tmp_path, tokenizer_dir, data, cache, run,
+                      ["--deepspeed", config, *accumulation, "--allow-pickle-weights"])
+
+
+def test_a_deepspeed_checkpoint_resumes_only_with_the_pickle_opt_in(monkeypatch, tmp_path):
+    monkeypatch.delenv(ALLOW_PICKLE_ENV, raising=False)
+    with pytest.raises(HuayuError, match="DeepSpeed checkpoint, whose files are pickles.*--allow-pickle-weights"):
+        parallel.DeepSpeedZeRO.load(None, tmp_path, {})
+
+
+def test_a_deepspeed_config_may_not_contradict_huayus_flags(tmp_path):
+    """huayu owns the batch, accumulation, clipping, optimiser and schedule: a config file that
+    sets them otherwise is an error, not silently one or the other."""
+    from types import SimpleNamespace
+
+    def layout(config: dict):
+        plugin = SimpleNamespace(deepspeed_config=config)
+        accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin))
+        return parallel.DeepSpeedZeRO(accelerator, loop.TrainArgs(batch_size=2, grad_accum=4, max_grad_norm=1.0))
+
+    filled = layout({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"})
+    assert filled.config["train_micro_batch_size_per_gpu"] == 2 and filled.config["gradient_accumulation_steps"] == 4
+    assert filled.config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert filled.everyone_validates
+    with pytest.raises(HuayuError, match="gradient_accumulation_steps 8.*--grad-accum"):
+        layout({"gradient_accumulation_steps": 8})
+    with pytest.raises(HuayuError, match="'optimizer' section"):
+        layout({"optimizer": {"type": "AdamW"}})
 
 
 def test_fsdp_over_two_processes_trains_like_one_and_resumes(tmp_path, tokenizer_dir):
     """FSDP2 on gloo: parameters, gradients and optimiser state sharded over 2 processes give the
-    one-process losses; its checkpoints are whole (they resume sharded again, and the final model
-    loads with plain transformers)."""
+    one-process losses; each rank writes its shard of a checkpoint (safetensors, no pickle), which
+    resumes exactly, and the final model is whole and loads with plain transformers."""
     from transformers import AutoModelForCausalLM
 
-    data, cache, fsdp, _ = two_processes_and_one(tmp_path, tokenizer_dir, ["--fsdp"])
+    data, cache, fsdp, records = two_processes_and_one(tmp_path, tokenizer_dir, ["--fsdp"])
+    step = fsdp / "checkpoints" / "step-3"
+    assert sorted(p.name for p in (step / "shards").iterdir()) == [
+        f"rank-0000{r}-of-00002.{ext}" for r in (0, 1) for ext in ("json", "safetensors")]
+    assert not (step / "model.safetensors").exists() and not list(step.rglob("*.pt")) and not list(step.rglob("*.bin"))
+    rank1 = written_by(records, 1).splitlines()
+    mine = ("/shards/rank-00001-of-00002.", "/shards/.tmp-rank-00001-of-00002.")
+    assert all(line.endswith("/shards") or any(m in line for m in mine) for line in rank1), rank1
     plain = AutoModelForCausalLM.from_pretrained(fsdp)
     reference = AutoModelForCausalLM.from_pretrained(tmp_path / "single")
     assert max(float((a - b).abs().max()) for a, b in zip(plain.parameters(), reference.parameters())) < 1e-3

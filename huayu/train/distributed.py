@@ -5,10 +5,8 @@ one) and `--bf16` / `--fp16`. Launched by `torchrun` or `accelerate launch` (RAN
 `session()` joins the processes through accelerate's PartialState (gloo on CPU, NCCL on GPUs) and the
 accelerator wraps the model in DistributedDataParallel, which starts every rank from rank 0's
 weights and averages gradients. Without those variables every function here is the single-process
-identity. With `--fsdp` (or an accelerate FSDP config) `shard_model()` splits parameters, gradients and
-optimiser state over the processes with torch's FSDP2 instead (full shard, one unit per decoder
-layer); checkpoints gather them into whole ones, which resume under any number of processes and
-load with plain transformers. (DeepSpeed launches are refused: see docs/distributed.md.)
+identity. With `--fsdp` (or an accelerate FSDP config) torch's FSDP2 shards the model instead, and with an
+accelerate DeepSpeed config (or `--deepspeed FILE`) DeepSpeed's ZeRO does: huayu/train/parallel.py.
 
 `--batch-size` is per process (the Hugging Face / LLaMA-Factory convention): an optimiser step
 sees batch_size x world size x grad_accum examples. Only rank 0 writes files (outputs, logs,
@@ -22,6 +20,7 @@ import os
 import sys
 from contextlib import contextmanager, nullcontext, redirect_stdout
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
@@ -45,11 +44,10 @@ def is_main() -> bool:
 
 
 def _check_launch() -> None:
-    """Launches the loop would get silently wrong are errors (FSDP/DeepSpeed configs, mpirun); accelerate's
+    """Launches the loop would get silently wrong are errors (FSDP with DeepSpeed, mpirun); accelerate's
     single-process CPU trap is a note."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
-        raise HuayuError("DeepSpeed was requested (accelerate config), but huayu's loop does not run DeepSpeed's "
-                         "engine yet: shard with FSDP instead (examples/accelerate/fsdp.yaml, docs/distributed.md)")
+    if deepspeed_requested() and fsdp_requested(False):
+        raise HuayuError("both FSDP and DeepSpeed were requested: choose one")
     mpi_size = os.environ.get("OMPI_COMM_WORLD_SIZE") or os.environ.get("PMI_SIZE")
     if mpi_size and int(mpi_size) > 1 and "WORLD_SIZE" not in os.environ:
         raise HuayuError(f"launched by mpirun ({mpi_size} processes): huayu reads torchrun's RANK/WORLD_SIZE, so each "
@@ -70,6 +68,13 @@ def resolve_device(device: str) -> str:
     return device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _tell_deepspeed(device: str) -> None:
+    """DeepSpeed (imported by accelerate and transformers whenever it is installed) warns on stdout
+    each time it finds no GPU: on the CPU, say so first."""
+    if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 @contextmanager
 def session(device: str = "auto"):
     """The process group of a torchrun / accelerate launch for the duration of a command (inside
@@ -78,10 +83,12 @@ def session(device: str = "auto"):
     from accelerate import PartialState
 
     _check_launch()
+    _tell_deepspeed(resolve_device(device))
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
         yield
         return
-    PartialState(cpu=resolve_device(device) == "cpu", timeout=WAIT_TIMEOUT)
+    # DeepSpeed joins the processes itself (its CPU build too): accelerate must not take the CPU path
+    PartialState(cpu=resolve_device(device) == "cpu" and not deepspeed_requested(), timeout=WAIT_TIMEOUT)
     try:
         with open(os.devnull, "w") as devnull, redirect_stdout(devnull) if not is_main() else nullcontext():
             yield
@@ -144,76 +151,25 @@ def shard(chunk: torch.Tensor) -> list[int]:
     return chunk.tensor_split(world_size())[rank()].tolist()
 
 
-class LossModule(torch.nn.Module):
-    """`loss_fn(model, batch)` as a module's forward: DDP syncs gradients of what its forward
-    computes, and some losses reach the model's parts directly (mlm_loss calls its heads)."""
-
-    def __init__(self, model, loss_fn):
-        super().__init__()
-        self.model, self.loss_fn = model, loss_fn
-
-    def forward(self, batch: dict):
-        return self.loss_fn(self.model, batch)
-
-
 def fsdp_requested(flag: bool) -> bool:
     """--fsdp, or `accelerate launch` with an FSDP config (which says so in the environment)."""
     return flag or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
 
 
-def shard_model(model, device, bf16: bool) -> None:
-    """FSDP2 over every process: each decoder layer (the model's `_no_split_modules` classes, or
-    accelerate's FSDP_TRANSFORMER_CLS_TO_WRAP) is a unit whose parameters are gathered just for its
-    forward and backward, then the rest of the model; bf16 computes in bf16, reduces in fp32."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    names = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "")
-    names = {n.strip() for n in names.split(",") if n.strip()} or set(getattr(model, "_no_split_modules", None) or ())
-    layers = [m for m in model.modules() if type(m).__name__ in names]
-    if not layers:
-        raise HuayuError(f"--fsdp: no decoder layers to shard by in {type(model).__name__} (looked for "
-                         f"{', '.join(sorted(names)) or 'its _no_split_modules'}): set "
-                         "fsdp_transformer_layer_cls_to_wrap")
-    kinds = sorted({type(m).__name__ for m in layers})  # before fully_shard renames their classes
-    model.to(device)
-    mesh = init_device_mesh(torch.device(device).type, (world_size(),))
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
-        MixedPrecisionPolicy()
-    for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
-    print(f"FSDP: parameters, gradients and optimiser state sharded over {world_size()} processes, "
-          f"{len(layers)} units ({', '.join(kinds)})")
+def deepspeed_requested() -> bool:
+    """`accelerate launch` with a DeepSpeed config, or --deepspeed FILE (which sets the same variables)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
 
 
-def whole_model_state(model, sharded: bool) -> dict | None:
-    """The model's state gathered from the ranks' shards, on rank 0's CPU (every rank must call
-    this); None unsharded: the model saves its own."""
-    if not sharded:
-        return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def request_deepspeed(config_file: str) -> None:
+    """--deepspeed FILE under torchrun: the environment `accelerate launch` would have set."""
+    import importlib.util
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def whole_optimizer_state(model, optimizer, sharded: bool) -> dict:
-    """The optimiser's state with whole tensors (sharded: gathered to rank 0; every rank calls)."""
-    if not sharded:
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_optimizer_state(model, optimizer, state: dict, sharded: bool) -> None:
-    """A whole optimiser state (whole_optimizer_state) put back: sharded, each rank keeps its part."""
-    if not sharded:
-        optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    if importlib.util.find_spec("deepspeed") is None:
+        raise HuayuError("--deepspeed needs DeepSpeed: pip install -e '.[deepspeed]' (docs/distributed.md)")
+    if not Path(config_file).is_file():
+        raise HuayuError(f"--deepspeed: no DeepSpeed config file '{config_file}'")
+    os.environ.update(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_CONFIG_FILE=str(config_file))
 
 
 def check_precision(device: str, bf16: bool, fp16: bool) -> str:
@@ -234,13 +190,17 @@ def accelerator(device: str, bf16: bool, fp16: bool):
     from accelerate.utils import DistributedDataParallelKwargs
 
     device = check_precision(device, bf16, fp16)
+    _tell_deepspeed(device)
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     AcceleratorState._reset_state()  # one process may train several times (a recipe), each with its own precision
-    fsdp = os.environ.pop("ACCELERATE_USE_FSDP", None)  # huayu shards the model itself (shard_model)
+    precision = "bf16" if bf16 else "fp16" if fp16 else "no"
+    if deepspeed_requested():  # its plugin comes from the environment; DeepSpeed places the model itself
+        return Accelerator(mixed_precision=precision)
+    fsdp = os.environ.pop("ACCELERATE_USE_FSDP", None)  # huayu shards the model itself (huayu/train/parallel.py)
     try:
         # find_unused_parameters: some trainable weights take no part in some losses (BERT's pooler without SOP)
-        return Accelerator(cpu=device == "cpu", mixed_precision="bf16" if bf16 else "fp16" if fp16 else "no",
+        return Accelerator(cpu=device == "cpu", mixed_precision=precision,
                            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     finally:
         if fsdp is not None:

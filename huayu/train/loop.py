@@ -37,7 +37,7 @@ from huayu.data.batching import to_device
 from huayu.data.templates import write_template_record
 from huayu.errors import HuayuError
 from huayu.models.families import family_of
-from huayu.train import distributed
+from huayu.train import distributed, parallel
 from huayu.train.schedules import SCHEDULES, lr_multiplier
 from huayu.train.state import LEGACY_PICKLE, has_state, load_state, save_state
 
@@ -64,6 +64,10 @@ class TrainArgs:
                                              "long sequences, about a third more compute", default=False)
     fsdp: bool = field_doc("shard parameters, gradients and optimiser state over the processes (FSDP2, one unit "
                            "per decoder layer); on by itself under an accelerate FSDP config", default=False)
+    deepspeed: str | None = field_doc("a DeepSpeed config (JSON, e.g. examples/deepspeed/zero3.json): shard with "
+                                      "ZeRO-2/3 under torchrun; accelerate launch with a DeepSpeed config does the "
+                                      "same",
+                                      default=None)
     pure_bf16: bool = field_doc("train a bf16/fp16 model's weights in that precision (no fp32 master weights: "
                                 "half the memory, less exact updates)", default=False)
     log_every: int = field_doc("optimiser steps between log lines", default=10)
@@ -226,23 +230,34 @@ def _save_weights(directory: Path, model, tokenizer, chat_trained: bool, weights
         write_template_record(directory, tokenizer)
 
 
-def _save_checkpoint(out: Path, step: int, model, tokenizer, states: tuple, scheduler, cfg, keep: int,
-                     chat_trained: bool, rng_by_rank: list[dict]):
-    """Write `out/checkpoints/step-N` atomically: build it under a temp name, then rename. For a
-    peft model the weights are its adapter; resuming puts it back on the run's base model.
-    `states`: the model's (None: its own) and the optimiser's, whole; `rng_by_rank`: every
-    process's random state, so each one's dropout and masking resume exactly."""
+def _save_checkpoint(out: Path, step: int, layout, tokenizer, scheduler, cfg, keep: int, chat_trained: bool,
+                     rng_by_rank: list[dict]):
+    """Write `out/checkpoints/step-N` atomically: build it under a temp name, then rename. Every
+    rank calls this and writes its part of the state (huayu/train/parallel.py); rank 0 writes the
+    rest: the model (or adapter, which resuming puts back on the run's base model) where the
+    layout keeps it whole, the tokenizer, the config and the trainer state, whose JSON comes last.
+    `rng_by_rank`: every process's random state, so each one's dropout and masking resume exactly."""
     root = out / CHECKPOINTS
     final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    _save_weights(tmp, model, tokenizer, chat_trained, states[0])
-    save_config(cfg, tmp / "config.yaml")
-    save_state(tmp, {"step": step, "optimizer": states[1], "scheduler": scheduler.state_dict(),
-                     "rng_by_rank": rng_by_rank})
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep or None]:
-        shutil.rmtree(old, ignore_errors=True)
+    if distributed.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    distributed.barrier()
+    state = layout.save(tmp)
+    distributed.barrier()
+    if distributed.is_main():
+        if layout.weights_in_checkpoint:
+            _save_weights(tmp, layout.model, tokenizer, chat_trained)
+        else:
+            tokenizer.save_pretrained(tmp)
+        save_config(cfg, tmp / "config.yaml")
+        save_state(tmp, {"step": step, **state, "scheduler": scheduler.state_dict(), "rng_by_rank": rng_by_rank,
+                         "layout": layout.record()})
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep or None]:
+            shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
 
 
 def _replace_files(source: Path, out: Path) -> None:
@@ -324,12 +339,8 @@ def fit(model, tokenizer, examples: list, collate, args: TrainArgs, out: str | P
         save_config(cfg, out / "config.yaml")
     steps = total_steps(len(examples), args)
     accelerator = distributed.accelerator(args.device, args.bf16, args.fp16)
-    sharded = distributed.fsdp_requested(args.fsdp) and distributed.world_size() > 1
-    if sharded:  # FSDP2 replaces the parameters by shards: the optimiser must be made after it
-        distributed.shard_model(model, accelerator.device, args.bf16)
-        wrapped, optimizer = distributed.LossModule(model, loss_fn), accelerator.prepare(_make_optimizer(model, args))
-    else:
-        wrapped, optimizer = accelerator.prepare(distributed.LossModule(model, loss_fn), _make_optimizer(model, args))
+    layout = parallel.layout(accelerator, args)
+    wrapped, optimizer = layout.prepare(model, loss_fn, lambda m: _make_optimizer(m, args))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_multiplier(args.schedule, s, steps, args.warmup_steps, args.min_lr / args.lr))
     start = 0
@@ -337,7 +348,8 @@ def fit(model, tokenizer, examples: list, collate, args: TrainArgs, out: str | P
     random.seed(args.seed + distributed.rank())
     if resume_from is not None:
         state = load_state(resume_from)
-        distributed.load_optimizer_state(model, optimizer, state["optimizer"], sharded)
+        layout.check_resumable(parallel.checkpoint_layout(resume_from), resume_from)
+        layout.load(resume_from, state)
         scheduler.load_state_dict(state["scheduler"])
         start = state["step"]
         _restore_rng(state, args.seed, start)
@@ -363,11 +375,11 @@ def fit(model, tokenizer, examples: list, collate, args: TrainArgs, out: str | P
         parts_sum, loss_sum = {}, 0.0  # this rank's: parts as means over its micro-batches
         for k, (batch, count) in enumerate(zip(micro, counts)):
             weight = count / max(total["items"], 1)
-            with accelerator.no_sync(wrapped) if k < len(micro) - 1 else nullcontext():
+            with layout.accumulating(last=k == len(micro) - 1):
                 with accelerator.autocast():
                     loss, parts = wrapped(to_device(batch, accelerator.device))
                 # DDP averages gradients over the ranks, so each rank's share is scaled back up
-                accelerator.backward(loss * weight * accelerator.num_processes)
+                layout.backward(loss * weight * accelerator.num_processes)
             loss_sum += loss.item() * weight
             for key, value in parts.items():
                 parts_sum[key] = parts_sum.get(key, 0.0) + value / len(micro)
@@ -396,11 +408,11 @@ def fit(model, tokenizer, examples: list, collate, args: TrainArgs, out: str | P
                            f"{values['seqs_per_s']:,.1f} seqs/s  {values['tokens_per_s']:,.0f} tokens/s")
             window = _Window()
         if validates and ((args.eval_every and step % args.eval_every == 0) or step == steps):
-            if main or sharded:  # a sharded model's forward needs every rank
+            if main or layout.everyone_validates:
                 eval_metrics = _validate(model, eval_examples, collate, args, evaluation, accelerator.autocast)
             best = main and evaluation is not None and evaluation.best and \
                 eval_metrics[evaluation.best] > _best_so_far(out, evaluation.best)
-            weights = distributed.whole_model_state(model, sharded) if distributed.from_main(best) else None
+            weights = layout.whole_weights() if distributed.from_main(best) else None
             if main:
                 log.write(step, **{f"eval_{k}": v for k, v in eval_metrics.items()})
                 tqdm.write(f"step {step}: " + "  ".join(f"eval_{k} {v:.4f}" for k, v in eval_metrics.items()))
@@ -409,18 +421,13 @@ def fit(model, tokenizer, examples: list, collate, args: TrainArgs, out: str | P
                     tqdm.write(f"step {step}: best {evaluation.best} so far, saved to {out / BEST}")
             eval_metrics = distributed.from_main(eval_metrics)
         if (args.save_every and step % args.save_every == 0) or step == steps:
-            rng_by_rank = distributed.gather(_rng_state())
-            states = (distributed.whole_model_state(model, sharded),
-                      distributed.whole_optimizer_state(model, optimizer, sharded))
-            if main:
-                _save_checkpoint(out, step, model, tokenizer, states, scheduler, cfg, args.save_total_limit,
-                                 chat_trained, rng_by_rank)
-            distributed.barrier()
+            _save_checkpoint(out, step, layout, tokenizer, scheduler, cfg, args.save_total_limit, chat_trained,
+                             distributed.gather(_rng_state()))
     bar.close()
     result = {"steps": steps, "train_loss": last_loss}
     if eval_metrics is not None:
         result.update({f"eval_{k}": v for k, v in eval_metrics.items()})
-    weights = distributed.whole_model_state(model, sharded)  # gathered anew: save_pretrained consumes its dict
+    weights = layout.whole_weights()  # gathered anew: save_pretrained consumes its dict
     if main:
         _save_final(out, model, tokenizer, chat_trained, weights)
         if evaluation is not None and evaluation.best and (out / BEST).is_dir():

@@ -65,6 +65,8 @@ def check(cfg: StageConfig, command: str) -> None:
         raise HuayuError(f"--quantization-bit trains a LoRA adapter on a quantized base (QLoRA): use "
                          f"--finetuning-type lora, not {cfg.finetuning.finetuning_type}")
     cfg.loading.check()
+    if cfg.train.fsdp and cfg.train.deepspeed:
+        raise HuayuError("--fsdp and --deepspeed exclude each other: both shard the model")
     distributed.check_precision(cfg.train.device, cfg.train.bf16, cfg.train.fp16)
     if is_adapter_dir(cfg.model):
         raise HuayuError(f"--model '{cfg.model}' is an adapter: merge it into its base first "
@@ -93,6 +95,8 @@ def run_stage(cfg: StageConfig, command: str, build_examples, chat_trained: bool
     outputs then record. Under torchrun every process runs this; rank 0 builds (and caches) the
     examples first."""
     check(cfg, command)
+    if cfg.train.deepspeed:
+        distributed.request_deepspeed(cfg.train.deepspeed)
     with distributed.session(cfg.train.device):
         return _run_stage(cfg, command, build_examples, chat_trained)
 
@@ -130,10 +134,15 @@ def _run_stage(cfg: StageConfig, command: str, build_examples, chat_trained: boo
 def trainable_model(cfg: StageConfig, tokenizer, ckpt: Path | None, classes: list[str] | None = None):
     """The model to train, its trainable parameters set by the fine-tuning method. Resuming, the
     weights come from the checkpoint: a full model, or an adapter put back on its base (cfg.model)
-    with the same trainable parameters, so the saved optimiser state fits them."""
+    with the same trainable parameters, so the saved optimiser state fits them; a sharded
+    checkpoint's are put back by the loop, into the model built as at the start."""
     from huayu.models.loading import is_adapter_dir, load_model
+    from huayu.train.parallel import checkpoint_layout
 
     options = dict(classes=classes, loading=cfg.loading, prepare_base=lambda base: for_training(base, cfg))
+    if ckpt is not None and checkpoint_layout(ckpt)["kind"] != "replicated":
+        check_same_method(cfg, ckpt)
+        ckpt = None
     if ckpt is None:
         model = apply_finetuning(load_model(cfg.model, tokenizer, seed=cfg.train.seed, **options), cfg.finetuning)
     else:

@@ -17,8 +17,8 @@ import torch
 
 from huayu.errors import HuayuError
 
-STATE_JSON = "trainer_state.json"
-STATE_TENSORS = "trainer_state.safetensors"
+STATE = "trainer_state"
+STATE_JSON = f"{STATE}.json"
 LEGACY_PICKLE = "trainer_state.pt"  # what huayu wrote before: refused, since loading it could run code
 
 
@@ -55,36 +55,42 @@ def _restore(value, tensors: dict):
     return value
 
 
-def save_state(directory: Path, state: dict) -> None:
-    """Write `state` as STATE_TENSORS + STATE_JSON into `directory` (the JSON last: it marks a
+def save_state(directory: Path, state: dict, name: str = STATE) -> None:
+    """Write `state` as NAME.safetensors + NAME.json into `directory` (the JSON last: it marks a
     complete state)."""
     from safetensors.torch import save_file
 
     tensors: dict = {}
     tree = _flatten(state, tensors)
-    save_file(tensors, str(directory / STATE_TENSORS))
-    tmp = directory / f".tmp-{STATE_JSON}"
+    storages: set[int] = set()
+    for key, tensor in tensors.items():  # tied weights share storage, which safetensors refuses
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in storages and tensor.numel():
+            tensors[key] = tensor.clone()
+        storages.add(storage)
+    save_file(tensors, str(directory / f"{name}.safetensors"))
+    tmp = directory / f".tmp-{name}.json"
     tmp.write_text(json.dumps(tree), encoding="utf-8")
-    os.replace(tmp, directory / STATE_JSON)
+    os.replace(tmp, directory / f"{name}.json")
 
 
 def has_state(directory: Path) -> bool:
     return (directory / STATE_JSON).exists()
 
 
-def load_state(directory: Path) -> dict:
+def load_state(directory: Path, name: str = STATE) -> dict:
     """The state saved by save_state; reading it runs no code whatever the files hold."""
     from safetensors.torch import load_file
 
-    if not has_state(directory):
+    if not (directory / f"{name}.json").exists():
         if (directory / LEGACY_PICKLE).exists():
             raise HuayuError(f"{directory} holds a trainer state written by an older huayu as a pickle "
                              f"({LEGACY_PICKLE}), which huayu no longer loads since loading it could run code: "
                              "resume is not possible from it; start the run anew (or continue from its weights "
                              "with --model)")
-        raise HuayuError(f"{directory} has no {STATE_JSON}")
+        raise HuayuError(f"{directory} has no {name}.json")
     try:
-        tree = json.loads((directory / STATE_JSON).read_text(encoding="utf-8"))
-        return _restore(tree, load_file(str(directory / STATE_TENSORS)))
+        tree = json.loads((directory / f"{name}.json").read_text(encoding="utf-8"))
+        return _restore(tree, load_file(str(directory / f"{name}.safetensors")))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise HuayuError(f"{directory}: the trainer state is unreadable ({type(exc).__name__}: {exc})") from None
