@@ -374,11 +374,12 @@ def load_for_inference(spec: str, adapter: str | None = None, dtype=None, placem
     """(tokenizer, model) of MODEL [--adapter], on `placement`'s device (default: the CPU). An
     adapter's own tokenizer, which training saves beside it with the chat template it was trained
     with, wins over the base's."""
-    from huayu.train.distributed import resolve_device
+    from huayu.train.distributed import resolve_device, tell_deepspeed
 
     placement = placement or InferenceArgs(device="cpu")
     placement.check()
     device = resolve_device(placement.device)
+    tell_deepspeed(device)
     spec, adapter = resolve_adapter(spec, adapter)
     has_own = adapter is not None and (Path(adapter) / "tokenizer_config.json").exists()
     tokenizer = load_tokenizer(adapter if has_own else spec)

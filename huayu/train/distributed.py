@@ -68,7 +68,7 @@ def resolve_device(device: str) -> str:
     return device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _tell_deepspeed(device: str) -> None:
+def tell_deepspeed(device: str) -> None:
     """DeepSpeed (imported by accelerate and transformers whenever it is installed) warns on stdout
     each time it finds no GPU: on the CPU, say so first."""
     if device == "cpu":
@@ -83,7 +83,7 @@ def session(device: str = "auto"):
     from accelerate import PartialState
 
     _check_launch()
-    _tell_deepspeed(resolve_device(device))
+    tell_deepspeed(resolve_device(device))
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
         yield
         return
@@ -190,7 +190,7 @@ def accelerator(device: str, bf16: bool, fp16: bool):
     from accelerate.utils import DistributedDataParallelKwargs
 
     device = check_precision(device, bf16, fp16)
-    _tell_deepspeed(device)
+    tell_deepspeed(device)
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     AcceleratorState._reset_state()  # one process may train several times (a recipe), each with its own precision

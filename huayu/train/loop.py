@@ -142,7 +142,7 @@ def evaluate_loss(model, examples, collate, batch_size: int = 8, autocast=nullco
         n = items(batch)
         if n == 0:  # e.g. a 1-token tail block: nothing to predict, and the model's mean would be NaN
             continue
-        with autocast():
+        with torch.no_grad(), autocast():  # no graph: on a GPU it would hold every activation
             loss = model(**to_device(batch, model.device)).loss.float().item()
         total, count = total + loss * n, count + n
     model.train()
