@@ -108,6 +108,12 @@ class ArrowExamples(Sequence):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def lengths(self) -> list[int]:
+        """Every example's token count, from the Arrow offsets (nothing is read)."""
+        import pyarrow.compute as pc
+
+        return pc.list_value_length(self.dataset.data.column("input_ids")).to_pylist()
+
     def __getitem__(self, index):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]

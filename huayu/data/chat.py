@@ -177,12 +177,30 @@ def _truncate_source(segs: list[Segment], max_len: int) -> list[Segment]:
     return segs
 
 
+def split_budget(source_len: int, target_len: int, max_source_length: int, max_target_length: int,
+                 limit: int) -> tuple[int, int]:
+    """(room for the context, room for the reply) within `limit` tokens. The reply never crowds the
+    prompt out: when both do not fit, each side gets half, and what one side leaves of its half goes
+    to the other (an over-long reply keeps its prompt and is cut at its end)."""
+    source, target = min(source_len, max_source_length), min(target_len, max_target_length)
+    if source + target <= limit:
+        return source, target
+    half = limit // 2
+    if source <= half:
+        return source, limit - source
+    if target <= limit - half:
+        return limit - target, target
+    return half, limit - half
+
+
 def encode_dialogue(tokenizer, messages: list[dict], max_source_length: int, max_target_length: int,
                     loss_on: str = "assistant", max_length: int | None = None) -> Example:
     """Token ids and labels for one training dialogue; the last assistant turn is the target.
 
-    The reply is cut to `max_target_length` (and `max_length`), the context to `max_source_length`
-    and to what `max_length` leaves beside the reply. `full_length` is the uncut length. Turns after
+    The reply is cut to `max_target_length`, the context (from its oldest turn: the newest turns and
+    a leading system message are kept) to `max_source_length`, and both together to `max_length`
+    as split_budget shares it, so an over-long reply never leaves its prompt out. `full_length` is
+    the uncut length. Turns after
     the last assistant message have nothing to learn and are not encoded. A learned reply the
     template does not end with its reply-ending token learns that token next: appended to the
     last reply; for an earlier one, as the label where the next turn begins (GLM's <|user|> is
@@ -201,8 +219,10 @@ def encode_dialogue(tokenizer, messages: list[dict], max_source_length: int, max
 
     reply = segs[-1].ids + ([] if ended(segs[-1].ids) else [stop])
     limit = max_length if max_length is not None else max_source_length + max_target_length
-    target = reply[:min(max_target_length, limit)]
-    source = _truncate_source(segs[:-1], min(max_source_length, limit - len(target)))
+    source_room, target_room = split_budget(sum(len(s.ids) for s in segs[:-1]), len(reply), max_source_length,
+                                            max_target_length, limit)
+    target = reply[:target_room]
+    source = _truncate_source(segs[:-1], source_room)
     ids, labels, stop_next = [], [], False
     for s in source:
         learn = loss_on == "all" or (loss_on == "assistant" and s.is_target)
@@ -266,9 +286,11 @@ def encode_source_target(tokenizer, messages: list[dict], max_source_length: int
     last = _last_assistant(messages)
     (reply,) = plain_ids(tokenizer, [messages[last]["content"]])
     limit = max_length if max_length is not None else max_source_length + max_target_length
-    target = reply[:max(min(max_target_length, limit) - 1, 0)] + [tokenizer.eos_token_id]
     segs = _source_segments(tokenizer, messages[:last])
-    source = _cut_source(segs, min(max_source_length, limit - len(target)))
+    source_room, target_room = split_budget(sum(len(s.ids) for s in segs), len(reply) + 1, max_source_length,
+                                            max_target_length, limit)
+    target = reply[:max(target_room - 1, 0)] + [tokenizer.eos_token_id]
+    source = _cut_source(segs, source_room)
     return Example(source, target, full_length=sum(len(s.ids) for s in segs) + len(reply) + 1)
 
 
@@ -296,8 +318,11 @@ def encode_blank_dialogue(tokenizer, messages: list[dict], max_source_length: in
     _, _, eop = _glm_ids(tokenizer)
     (reply,) = plain_ids(tokenizer, [messages[last]["content"]])
     limit = max_length if max_length is not None else max_source_length + max_target_length
-    span = reply[:max(min(max_target_length, limit) - 1, 0)]
-    prompt = encode_blank_prompt(tokenizer, messages[:last], min(max_source_length, limit - len(span)))
+    whole_prompt = len(encode_blank_prompt(tokenizer, messages[:last], limit + max_source_length))
+    source_room, target_room = split_budget(whole_prompt, len(reply) + 1, max_source_length, max_target_length,
+                                            limit)
+    span = reply[:max(target_room - 1, 0)]
+    prompt = encode_blank_prompt(tokenizer, messages[:last], source_room)
     labels = [IGNORE] * (len(prompt) - 1) + span + [eop]
     context = sum(len(s.ids) for s in segments(tokenizer, messages[:last]))
     return Example(prompt + span, labels, full_length=context + len(reply) + 3)

@@ -18,8 +18,11 @@ class DialogueDataArgs:
     prompt_column: str | None = field_doc("column holding the prompt (ADGEN-style data); several, comma-separated "
                                           "(title,desc), are joined by newlines", default=None)
     response_column: str | None = field_doc("column holding the response", default=None)
-    max_source_length: int = field_doc("max tokens of context (oldest turns are dropped first)", default=256)
-    max_target_length: int = field_doc("max tokens of the reply", default=256)
+    max_source_length: int = field_doc("max tokens of context: the oldest turns are dropped first (a leading "
+                                       "system message and the newest turns are kept)", default=256)
+    max_target_length: int = field_doc("max tokens of the reply (the last assistant turn; cut at its end). When "
+                                       "context + reply exceed --max-seq-length, each keeps at least half of it",
+                                       default=256)
 
 
 Report = Callable[[str], None]  # where a reader's report lines go (print, or a list's append to keep them)

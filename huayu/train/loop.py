@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 
 from huayu.config import field_doc, save_config
-from huayu.data.batching import to_device
+from huayu.data.batching import batch_counts, example_lengths, to_device
 from huayu.data.templates import write_template_record
 from huayu.errors import HuayuError
 from huayu.models.families import family_of
@@ -70,6 +70,8 @@ class TrainArgs:
                                       default=None)
     pure_bf16: bool = field_doc("train a bf16/fp16 model's weights in that precision (no fp32 master weights: "
                                 "half the memory, less exact updates)", default=False)
+    group_by_length: bool = field_doc("batch examples of similar length together (less padding; the order stays "
+                                      "random and reproducible)", default=False)
     log_every: int = field_doc("optimiser steps between log lines", default=10)
     eval_every: int = field_doc("optimiser steps between validation runs (0: at the end)", default=0)
     save_every: int = field_doc("optimiser steps between checkpoints (0: at the end only)", default=0)
@@ -103,11 +105,12 @@ def latest_checkpoint(out: str | Path) -> Path | None:
     return steps[-1] if steps else None
 
 
-def _batches(n_examples: int, args: TrainArgs, start_micro: int):
+def _batches(n_examples: int, args: TrainArgs, start_micro: int, lengths: list[int] | None = None):
     """Yield (micro-batch index, this rank's example indices) from `start_micro` on, forever. A
     global micro-batch is the next batch_size x world size examples of the epoch's order; an
     epoch's last one may be shorter and is topped up from the order's start if some rank would
-    get nothing (every rank must take part in every step)."""
+    get nothing (every rank must take part in every step). With `lengths` (--group-by-length) the
+    order puts examples of similar length together (_grouped_by_length)."""
     world = distributed.world_size()
     size = args.batch_size * world
     per_epoch = math.ceil(n_examples / size)
@@ -116,12 +119,30 @@ def _batches(n_examples: int, args: TrainArgs, start_micro: int):
         epoch, i = divmod(micro, per_epoch)
         gen = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
         order = torch.randperm(n_examples, generator=gen)
+        if lengths is not None:
+            order = _grouped_by_length(order, lengths, size, gen)
         for j in range(i, per_epoch):
             chunk = order[j * size:(j + 1) * size]
             if len(chunk) < world:
                 chunk = torch.cat([chunk, order[:world - len(chunk)]])
             yield micro, distributed.shard(chunk)
             micro += 1
+
+
+def _grouped_by_length(order: torch.Tensor, lengths: list[int], size: int, gen: torch.Generator) -> torch.Tensor:
+    """The epoch's random `order`, cut into mega-batches of 50 micro-batches, each sorted by length
+    (longest first) and cut into micro-batches, whose order is then shuffled: batches of similar
+    lengths pad little, and stay random (transformers' LengthGroupedSampler does the same). Drawn
+    from the epoch's generator, so a resumed run sees the same batches."""
+    mega = size * 50
+    groups = []
+    for start in range(0, len(order), mega):
+        chunk = order[start:start + mega].tolist()
+        chunk.sort(key=lambda i: -lengths[i])
+        groups += [chunk[k:k + size] for k in range(0, len(chunk), size)]
+    tail = groups.pop() if len(groups) > 1 and len(groups[-1]) < size else None  # a short one stays last
+    shuffled = [groups[k] for k in torch.randperm(len(groups), generator=gen).tolist()]
+    return torch.tensor([i for group in shuffled + ([tail] if tail else []) for i in group], dtype=torch.long)
 
 
 def total_steps(n_examples: int, args: TrainArgs) -> int:
@@ -363,7 +384,8 @@ def fit(model, tokenizer, examples: list, collate, args: TrainArgs, out: str | P
 
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                mininterval=0.2 if sys.stderr.isatty() else 10, disable=not main)
-    batches = _batches(len(examples), args, start * args.grad_accum)
+    batches = _batches(len(examples), args, start * args.grad_accum,
+                       example_lengths(examples) if args.group_by_length else None)
     validates = evaluation is not None or bool(eval_examples is not None and len(eval_examples))
     window = _Window()
     last_loss, eval_metrics = float("nan"), None
@@ -383,8 +405,8 @@ def fit(model, tokenizer, examples: list, collate, args: TrainArgs, out: str | P
             loss_sum += loss.item() * weight
             for key, value in parts.items():
                 parts_sum[key] = parts_sum.get(key, 0.0) + value / len(micro)
-        losses, sums = distributed.reduce(parts_sum, {"loss": loss_sum, "seqs": sum(len(b["input_ids"]) for b in micro),
-                                                      "tokens": sum(int(b["attention_mask"].sum()) for b in micro)})
+        seqs, tokens = (sum(c) for c in zip(*map(batch_counts, micro)))
+        losses, sums = distributed.reduce(parts_sum, {"loss": loss_sum, "seqs": seqs, "tokens": tokens})
         losses = {"loss": sums["loss"], **losses}
         if args.max_grad_norm > 0:
             accelerator.clip_grad_norm_(wrapped.parameters(), args.max_grad_norm)

@@ -21,7 +21,7 @@ from huayu.data.chat import LOSS_ON
 from huayu.data.chat_templates import TEMPLATE_HELP
 from huayu.data.sources import DialogueDataArgs
 from huayu.errors import HuayuError
-from huayu.train.stage import StageConfig, run_stage
+from huayu.train.stage import StageConfig, StageData, run_stage
 
 
 @dataclass
@@ -32,6 +32,9 @@ class SftConfig(DataCacheConfig, StageConfig):
     template: str | None = field_doc(TEMPLATE_HELP + "; saved with the output, so inference renders chats "
                                      "as training did", default=None)
     system: str | None = field_doc("system message given to every dialogue that has none", default=None)
+    packing: bool = field_doc("decoder-only models: pack examples into rows of max_seq_length tokens, each attending "
+                              "only to itself (positions restart, no padding; the loss is the unpacked loss)",
+                              default=False)
     max_seq_length: int = field_doc("max tokens of context + reply (0: max_source_length + max_target_length)",
                                     default=0)
     skip_overlength: bool = field_doc("drop (and count) dialogues longer than max_seq_length instead of "
@@ -174,7 +177,52 @@ def build_examples(cfg: SftConfig, tokenizer):
     if cfg.replay_data:
         train = mix_replay(train, replay_dataset(cfg, tokenizer), cfg)
     valid = dialogue_dataset(cfg, tokenizer, cfg.valid_data, "valid") if cfg.valid_data else None
-    return ArrowExamples(train), (ArrowExamples(valid) if valid is not None else None)
+    train, valid = ArrowExamples(train), (ArrowExamples(valid) if valid is not None else None)
+    return packed(train, valid, cfg, tokenizer) if cfg.packing else (train, valid)
+
+
+def packed(train, valid, cfg: SftConfig, tokenizer) -> StageData:
+    """The examples packed into rows of max_seq_length tokens (validation too: the same loss, less
+    padding), with the check that this model keeps packed sequences apart."""
+    from huayu.data.batching import packed_collate
+    from huayu.data.packing import PackedExamples
+
+    limit = seq_limit(cfg)
+    rows = PackedExamples(train, limit)
+    print(f"packing: {len(train):,} examples -> {len(rows):,} rows of at most {limit} tokens, "
+          f"{100 * rows.fill:.1f}% filled")
+    return StageData(rows, PackedExamples(valid, limit) if valid is not None else None,
+                     collate=packed_collate(tokenizer.pad_token_id), check_model=lambda m: check_isolation(m, train))
+
+
+def check_isolation(model, examples) -> None:
+    """transformers keeps packed sequences apart in the architectures whose attention mask it
+    builds from the position ids (Llama, Qwen, Mistral, GLM-4, ...), not in all (ALiBi models take
+    positions from the mask): checked on this model before it trains, the second of two short
+    packed sequences must give the logits it gives alone."""
+    import torch
+
+    from huayu.data.batching import PackedRow, packed_collate, to_device
+
+    parts = [examples[i] for i in range(min(2, len(examples)))]
+    if len(parts) < 2:
+        return
+    ids = [list(map(int, e.input_ids[:16])) for e in parts]
+    row = PackedRow(ids[0] + ids[1], [0] * (len(ids[0]) + len(ids[1])),
+                    list(range(len(ids[0]))) + list(range(len(ids[1]))), 2)
+    batch = to_device(packed_collate(0)([row]), next(model.parameters()).device)
+    batch.pop("labels")
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        together = model(**batch).logits[0, len(ids[0]):].float()
+        alone = model(input_ids=batch["input_ids"][:, len(ids[0]):], use_cache=False).logits[0].float()
+    model.train(was_training)
+    tolerance = (1e-4 if model.dtype == torch.float32 else 3e-2) * max(float(alone.abs().max()), 1)
+    if float((together - alone).abs().max()) > tolerance:
+        raise HuayuError(f"--packing: {model.config.model_type} models let packed sequences see each other (their "
+                         "attention does not follow the restarting position ids); train without --packing "
+                         "(--group-by-length cuts padding instead)")
 
 
 def check(cfg: SftConfig) -> None:
@@ -184,6 +232,13 @@ def check(cfg: SftConfig) -> None:
         raise HuayuError("--max-seq-length must be 0 (source + target length) or positive")
     if cfg.replay_data and cfg.replay_ratio <= 0:
         raise HuayuError("--replay-ratio must be positive when --replay-data is given")
+    if cfg.packing:
+        from huayu.models.families import CAUSAL, family_of_model
+
+        family = family_of_model(cfg.model)
+        if family.layout != CAUSAL:
+            raise HuayuError(f"--packing packs decoder-only examples; a {family.name} model's are not one sequence "
+                             "each: train it without --packing (--group-by-length cuts padding instead)")
 
 
 def add_arguments(parser) -> None:

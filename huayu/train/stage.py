@@ -44,6 +44,7 @@ class StageData:
     loss_fn: LossFn = model_loss
     evaluation: Evaluation | None = None
     classes: list[str] | None = None
+    check_model: Callable | None = None  # called with the model before training: refuses what it cannot train
 
 
 def _is_own_run(out: Path, command: str, overwrite: bool) -> bool:
@@ -118,6 +119,8 @@ def _run_stage(cfg: StageConfig, command: str, build_examples, chat_trained: boo
     if not len(train):
         raise HuayuError("the training data produced no examples")
     model = trainable_model(cfg, tokenizer, ckpt, data.classes)
+    if data.check_model is not None:
+        data.check_model(model)
     trainable, total = count_parameters(model)
     world = distributed.world_size()
     print(f"model: {type(model).__name__} from '{source}', {cfg.finetuning.finetuning_type} fine-tuning: "
