@@ -6,10 +6,15 @@ what commands say goes to stderr.
 
 Decoding layers, each changing only what it names: huayu's chat defaults, the model's own
 generation_config.json, `--beam`, then the decoding options the user set (flags or `--config`).
+
+With `--tools calculator,equation` (huayu/plugins.py) the model is shown those tools; when a reply
+calls one, huayu runs it, shows the call and its result on stderr, gives the result back as a tool
+message and lets the model go on, until it answers in text (MOSS's plugins; docs/tools.md).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
 from collections.abc import Collection
@@ -17,10 +22,15 @@ from dataclasses import dataclass
 
 from huayu.api import chat_decoding, decoding_args, model_chat_decoding
 from huayu.config import add_config_arguments, config_from_args, field_doc, given_options
+from huayu.data.chat import renders_tools, tool_templates
 from huayu.data.chat_templates import TEMPLATE_HELP
 from huayu.errors import HuayuError
 from huayu.generation import EVA_BEAM, DecodingArgs, TemplateWarning
 from huayu.models.loading import InferenceArgs
+from huayu.plugins import run_call, select_plugins
+from huayu.tools import ReplyStream, with_tools
+
+MAX_TOOL_ROUNDS = 4  # calls in a row before a reply's calls are shown as text instead of run
 
 
 @dataclass
@@ -37,6 +47,8 @@ class ChatConfig:
     max_source_length: int = field_doc("max tokens of dialogue history fed to the model", default=512)
     system: str | None = field_doc("system message every dialogue starts with", default=None)
     template: str | None = field_doc(TEMPLATE_HELP, default=None)
+    tools: str | None = field_doc("tools the model may call, comma-separated: calculator, equation (docs/tools.md)",
+                                  default=None)
     placement: InferenceArgs = field_doc("where the model runs", default_factory=InferenceArgs)
 
 
@@ -65,6 +77,11 @@ class ChatSession:
             given = {k for k, v in vars(chat_decoding()).items() if getattr(cfg.decoding, k) != v}
         options = {name: getattr(cfg.decoding, name) for name in given}
         self.decoding = decoding_args(model_chat_decoding(generator), {**(EVA_BEAM if cfg.beam else {}), **options})
+        self.plugins = select_plugins(cfg.tools)
+        self.tools = [p.schema() for p in self.plugins.values()]
+        if self.plugins and not renders_tools(generator.tokenizer):
+            raise HuayuError("--tools: the model's chat template does not render tools; chat with a model fine-tuned "
+                             f"for tools with a template that does (--template {', '.join(tool_templates())})")
         set_seed(cfg.seed)
         self.clear()
 
@@ -86,14 +103,34 @@ class ChatSession:
         return None
 
     def reply(self, text: str):
-        """Stream the reply to `text`, then add both turns to the history."""
+        """Stream the reply to `text`, adding every turn to the history. A call is not shown as text:
+        it is run, reported with its result (`report`), and the model goes on after the result."""
         self.history.append({"role": "user", "content": text})
-        prompt = self.generator.encode_chat(self.history, self.cfg.max_source_length)
-        pieces = []
-        for piece in self.generator.stream_ids(prompt, self.decoding):
-            pieces.append(piece)
-            yield piece
-        self.history.append({"role": "assistant", "content": "".join(pieces).strip()})
+        separator = ""  # text after a call starts on a line of its own
+        for rounds in range(MAX_TOOL_ROUNDS + 1):
+            prompt = self.generator.encode_chat(with_tools(self.history, self.tools), self.cfg.max_source_length)
+            stream = ReplyStream(calls=bool(self.plugins) and rounds < MAX_TOOL_ROUNDS)
+            for piece in self.generator.stream_ids(prompt, self.decoding):
+                if piece := stream.feed(piece):
+                    yield separator + piece
+                    separator = ""
+            rest, content, calls = stream.finish()
+            if rest:
+                yield separator + rest
+            self.history.append({"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})})
+            for call in calls:
+                result = run_call(call, self.plugins)
+                self.report(f"[调用 {call['name']}] {json.dumps(call['arguments'], ensure_ascii=False)}")
+                self.report(f"[结果] {result}")
+                self.history.append({"role": "tool", "content": result})
+            if not calls:
+                return
+            separator = "\n" if stream.sent else separator
+
+    @staticmethod
+    def report(line: str) -> None:
+        """Where the calls and their results are shown: stderr, apart from the replies."""
+        print(line, file=sys.stderr, flush=True)
 
 
 def add_arguments(parser) -> None:

@@ -25,6 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("huayu.train.pretrain", "Pre-train a model (causal LM, span corruption, masked LM or GLM's blank infilling)"),
     "sft": ("huayu.train.sft", "Supervised fine-tuning on dialogues or instructions"),
     "finetune-cls": ("huayu.train.classify", "Fine-tune an encoder (or a GLM, as cloze) for text classification (TSV/CSV), keep the best by accuracy"),
+    "rm": ("huayu.train.reward", "Train a reward model on preference pairs (pairwise loss), keep the best by accuracy"),
+    "rm score": ("huayu.train.reward:score", "Score replies, or preference pairs (accuracy, margin), with a reward model"),
+    "rm compare": ("huayu.train.reward:compare", "Win rate of models against a baseline on held-out prompts, judged by a reward model"),
+    "dpo": ("huayu.train.dpo", "Preference optimisation of an SFT model on pairs: DPO (frozen reference) or SimPO"),
     "plan": ("huayu.plan", "Will it fit? Memory of a training step (or inference) by kind, from the config alone"),
     "eval": ("huayu.evaluation.evaluate", "Static evaluation: loss/ppl, BLEU-4, Dist-n, F1, ROUGE; general-set loss"),
     "metrics": ("huayu.evaluation.metrics_command", "Score hypothesis lines against reference lines"),
@@ -42,8 +46,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 # the commands that load a model or adapter from a directory
-LOADS_MODELS = {"pretrain", "sft", "finetune-cls", "eval", "export merge", "export reshard", "quantize",
-                "export onnx", "predict", "generate", "chat", "serve", "webui", "recipe run"}
+LOADS_MODELS = {"pretrain", "sft", "finetune-cls", "rm", "rm score", "rm compare", "dpo", "eval", "export merge",
+                "export reshard", "quantize", "export onnx", "predict", "generate", "chat", "serve", "webui",
+                "recipe run"}
 # ... and those that read a checkpoint's config or tokenizer, which may need the checkpoint's own code
 READS_CHECKPOINTS = LOADS_MODELS | {"plan", "data inspect", "data index", "data show-masked"}
 

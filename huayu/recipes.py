@@ -23,11 +23,12 @@ import yaml
 from huayu.errors import HuayuError
 from huayu.outputs import OVERWRITE_HELP, check_output_dir, claim_output_dir
 
-TRAINING = ("pretrain", "sft")
+TRAINING = ("pretrain", "sft", "rm", "dpo")
 _COMMON = {"name", "command", "args"}
-STAGE_KEYS = {"pretrain": _COMMON | {"eval"}, "sft": _COMMON | {"eval", "replay_ratio"},
-              "data knowledge": _COMMON | {"input", "output"}, "data convert": _COMMON | {"input", "output"},
-              "tokenizer train": _COMMON | {"output"}}
+STAGE_KEYS = {"pretrain": _COMMON | {"eval"}, "sft": _COMMON | {"eval", "replay_ratio"}, "rm": _COMMON,
+              "dpo": _COMMON | {"eval"}, "data knowledge": _COMMON | {"input", "output"},
+              "data convert": _COMMON | {"input", "output"}, "tokenizer train": _COMMON | {"output"},
+              "rm compare": _COMMON | {"output"}}
 TOKENIZER = "tokenizer train"  # its output is the tokenizer of the training stage after it
 TOP_KEYS = {"vars", "out", "model", "tokenizer", "stages"}
 MARKER = "recipe_stage.json"

@@ -159,6 +159,18 @@ STAND_INS = {  # path under ../shared/data -> tiny contents in the real file's f
     "classify/chnsenticorp/train.tsv": SENTIMENT,
     "classify/chnsenticorp/dev.tsv": SENTIMENT,
     "instruct/alpaca_zh_demo.json": _json([{"instruction": q, "input": "", "output": a} for q, a, *_ in DIALOGUES]),
+    "instruct/glaive_toolcall_zh_demo.json": _json([{"conversations": [{"from": "human", "value": "计算 12+7"},
+                                                                   {"from": "function_call", "value": json.dumps(
+                                                                       {"name": "calculator",
+                                                                        "arguments": {"expression": "12+7"}})},
+                                                                   {"from": "observation", "value": "19"},
+                                                                   {"from": "gpt", "value": "结果是19。"}],
+                                                  "tools": json.dumps([{"name": "calculator", "description": "算术",
+                                                                        "parameters": {"type": "object", "properties": {
+                                                                            "expression": {"type": "string"}}}}])}]),
+    "instruct/dpo_zh_demo.json": _json([{"conversations": [{"from": "human", "value": q}],
+                                         "chosen": {"from": "gpt", "value": a},
+                                         "rejected": {"from": "gpt", "value": "不知道。"}} for q, a, *_ in DIALOGUES]),
 }
 
 

@@ -1,6 +1,7 @@
 """`huayu serve` on 127.0.0.1 driven by the official openai client and by raw HTTP: response and
 chunk shapes, every error case, the API key, concurrency, the bounded queue, disconnects."""
 
+import contextlib
 import json
 import os
 import socket
@@ -26,13 +27,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(lively_model_dir):
+@contextlib.contextmanager
+def serving(model_dir: str, *flags: str):
+    """`huayu serve MODEL_DIR FLAGS` on a free port, its URL once /health answers."""
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.Popen([sys.executable, "-m", "huayu.cli", "serve", lively_model_dir, "--port", str(port),
-                             "--api-key", KEY, "--served-model-name", "tiny", "--max-batch-size", "2",
-                             "--max-queue", "2", "--log-level", "warning"],
+    proc = subprocess.Popen([sys.executable, "-m", "huayu.cli", "serve", model_dir, "--port", str(port),
+                             "--log-level", "warning", *flags],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
@@ -46,6 +47,13 @@ def server(lively_model_dir):
     yield url
     proc.terminate()
     proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def server(lively_model_dir):
+    with serving(lively_model_dir, "--api-key", KEY, "--served-model-name", "tiny", "--max-batch-size", "2",
+                 "--max-queue", "2") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +134,7 @@ LONG = "你好" * 600
 ERRORS = [
     ("{not json", 400, None, "invalid_json"),
     ({"model": "tiny", "messages": []}, 400, "messages", "invalid_value"),
-    ({"model": "tiny", "messages": [{"role": "tool", "content": "x"}]}, 400, "messages.0.role", "invalid_value"),
+    ({"model": "tiny", "messages": [{"role": "critic", "content": "x"}]}, 400, "messages.0.role", "invalid_value"),
     ({"model": "tiny", "messages": [{"role": "user"}]}, 400, "messages.0.content", "missing_required_parameter"),
     ({"model": "tiny", "messages": USER, "temperature": 2.5}, 400, "temperature", "invalid_value"),
     ({"model": "tiny", "messages": USER, "top_p": 0}, 400, "top_p", "invalid_value"),
@@ -134,7 +142,9 @@ ERRORS = [
     ({"model": "tiny", "messages": USER, "n": 9}, 400, "n", "invalid_value"),
     ({"model": "tiny", "messages": USER, "presence_penalty": -3}, 400, "presence_penalty", "invalid_value"),
     ({"model": "tiny", "messages": USER, "temprature": 1}, 400, "temprature", "unknown_parameter"),
-    ({"model": "tiny", "messages": USER, "tools": [{"type": "function"}]}, 400, "tools", "unsupported_parameter"),
+    ({"model": "tiny", "messages": USER, "logprobs": True}, 400, "logprobs", "unsupported_parameter"),
+    ({"model": "tiny", "messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": "required"}, 400, "tool_choice", "unsupported_value"),
     ({"messages": USER}, 400, "model", "missing_required_parameter"),
     ({"model": "gpt-4", "messages": USER}, 404, "model", "model_not_found"),
     ({"model": "tiny", "messages": [{"role": "user", "content": LONG}]}, 400, "messages", "context_length_exceeded"),

@@ -1,8 +1,9 @@
 """The field's chat templates by name, and `--template NAME|FILE.jinja` / `--system TEXT`.
 
-Each entry is the model family's own Jinja text as its tokenizer_config.json ships it (tool-calling
-branches left out), so a model fine-tuned with `--template qwen3` is prompted at inference exactly
-as Qwen3 is. An entry also names the special tokens it writes (a tokenizer must have each as one
+Each entry is the model family's own Jinja text as its tokenizer_config.json ships it, so a model
+fine-tuned with `--template qwen3` is prompted at inference exactly as Qwen3 is. Qwen2.5's and
+Qwen3's keep their tool branches, chatml has Qwen's tool format and huayu's its own; the other
+entries leave tools out, and a dialogue with tools is refused under them (docs/tools.md). An entry also names the special tokens it writes (a tokenizer must have each as one
 token, or the markers would be learned as ordinary characters) and the token that ends a reply:
 the one generation stops at, learned after every reply even where the template writes none
 (GLM's replies end where the next `<|user|>` begins, Baichuan2's at an eos it never renders).
@@ -26,14 +27,59 @@ class ChatTemplate:
     text: str                # the Jinja source
     tokens: tuple[str, ...]  # the special tokens it writes
     stop: str | None = None  # the token a reply ends with; None: the tokenizer's eos token
+    tools: bool = False      # renders tools, calls and results (docs/tools.md)
+    former: tuple[str, ...] = ()  # sha256 of its earlier, tool-less texts, which render the same without tools
 
 
-CHATML = ChatTemplate("chatml", "ChatML (OpenAI's format, Qwen's turns without Qwen's default system prompt)", (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-), ("<|im_start|>", "<|im_end|>"), "<|im_end|>")
+# Qwen's tool format (Qwen3's system turn) on plain ChatML turns: no default system prompt.
+CHATML = ChatTemplate("chatml", "ChatML (OpenAI's format, Qwen's turns without Qwen's default system prompt)",
+                      r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] + '\n\n' }}
+    {%- endif %}
+    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- endif %}
+{%- for message in messages %}
+    {%- if message.role == "assistant" and message.tool_calls %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\n<tool_call>\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- elif not (tools and loop.first and message.role == "system") %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}""", ("<|im_start|>", "<|im_end|>"), "<|im_end|>", tools=True,
+                      former=("66edfb854931c933d3ac94f507626dd4fa2d5ca0a9b1036b11729d296a7392ac",))
 
 QWEN2 = ChatTemplate("qwen2", "Qwen2-Instruct (ChatML; default system prompt \"You are a helpful assistant.\")", (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -43,24 +89,80 @@ QWEN2 = ChatTemplate("qwen2", "Qwen2-Instruct (ChatML; default system prompt \"Y
 ), ("<|im_start|>", "<|im_end|>"), "<|im_end|>")
 
 QWEN = ChatTemplate("qwen", "Qwen2.5-Instruct (ChatML with Qwen's default system prompt)",
-                    r"""{%- if messages[0]['role'] == 'system' %}
-    {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+                    r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
 {%- else %}
-    {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}
+    {%- endif %}
 {%- endif %}
 {%- for message in messages %}
-    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant") %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
         {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\n<tool_call>\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
     {%- endif %}
 {%- endfor %}
 {%- if add_generation_prompt %}
     {{- '<|im_start|>assistant\n' }}
-{%- endif %}""", ("<|im_start|>", "<|im_end|>"), "<|im_end|>")
+{%- endif %}
+""", ("<|im_start|>", "<|im_end|>"), "<|im_end|>", tools=True,
+                    former=("a7b85912e5c385c3ed6cd1ad8232c0d98e05b9b2cec5c89cc35b885e15ea17dc",))
 
 # Qwen3's hybrid-thinking template (Qwen3-8B and its siblings).
 QWEN3 = ChatTemplate("qwen3", "Qwen3 (thinking blocks; earlier replies lose their reasoning)",
-                     r"""{%- if messages[0].role == 'system' %}
-    {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
+                     r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\n\n' }}
+    {%- endif %}
+    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
+    {%- endif %}
 {%- endif %}
 {%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
 {%- for message in messages[::-1] %}
@@ -97,7 +199,36 @@ QWEN3 = ChatTemplate("qwen3", "Qwen3 (thinking blocks; earlier replies lose thei
         {%- else %}
             {{- '<|im_start|>' + message.role + '\n' + content }}
         {%- endif %}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and content) or (not loop.first) %}
+                    {{- '\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
         {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
     {%- endif %}
 {%- endfor %}
 {%- if add_generation_prompt %}
@@ -105,7 +236,9 @@ QWEN3 = ChatTemplate("qwen3", "Qwen3 (thinking blocks; earlier replies lose thei
     {%- if enable_thinking is defined and enable_thinking is false %}
         {{- '<think>\n\n</think>\n\n' }}
     {%- endif %}
-{%- endif %}""", ("<|im_start|>", "<|im_end|>", "<think>", "</think>"), "<|im_end|>")
+{%- endif %}
+""", ("<|im_start|>", "<|im_end|>", "<think>", "</think>"), "<|im_end|>", tools=True,
+                     former=("51c2c482a0483f3870dbd0722fef1a54e21aa01772f56a5eb19a49a23191004c",))
 
 GLM4 = ChatTemplate("glm4", "GLM-4-9B-Chat", (
     "[gMASK]<sop>{% for item in messages %}{% if item['content'] %}<|{{ item['role'] }}|>{{ item['metadata'] }}\n"
@@ -143,7 +276,8 @@ BAICHUAN2 = ChatTemplate("baichuan2", "Baichuan2-Chat",
 {% endif %}""", ("<reserved_106>", "<reserved_107>"))
 
 HUAYU = ChatTemplate("huayu", "huayu's own tokenizers and models", DEFAULT_CHAT_TEMPLATE,
-                     ("<|system|>", "<|user|>", "<|assistant|>"))
+                     ("<|system|>", "<|user|>", "<|assistant|>"), tools=True,
+                     former=("485de2f1fc8b907ad22448e1748956dfc61d183d7201525f7d318a07fb4f95d2",))
 
 TEMPLATES = {t.name: t for t in (CHATML, QWEN2, QWEN, QWEN3, GLM4, CHATGLM3, LLAMA3, BAICHUAN2, HUAYU)}
 _BY_TEXT = {t.text: t for t in TEMPLATES.values()}

@@ -1,5 +1,8 @@
 """`huayu data inspect` and `huayu data convert`: check a data file before spending GPU hours on it,
-and turn it into the format a recipe reads (e.g. KdConv JSON -> EVA text for the EVA benchmark)."""
+and turn it into the format a recipe reads (e.g. KdConv JSON -> EVA text for the EVA benchmark).
+Preference files (chosen/rejected pairs, huayu.data.preferences) are told apart by their keys: they
+are inspected as pairs, split into held-out parts as pairs, or converted to their prompts with the
+chosen replies as dialogues (SFT data)."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from pathlib import Path
 
 from huayu.data.formats import (COLUMNS_FORMAT, DIALOGUE_FORMATS, Dialogue, ReadResult, TextRecord,
                                 dialogue_origin, read_dialogues)
+from huayu.data.preferences import PREFERENCE_FORMATS, PreferencePair, detect_preference_format, read_preferences
 from huayu.data.sources import read_corpus
 from huayu.errors import HuayuError
 from huayu.outputs import OVERWRITE_HELP, building, check_output_dir
@@ -83,6 +87,10 @@ def _add_reader_arguments(parser: argparse.ArgumentParser, formats: tuple[str, .
 def _read(args) -> ReadResult:
     if args.format == "text":
         return read_corpus(args.path, args.text_field, args.target_field, args.skip_invalid)
+    preference = args.format if args.format in PREFERENCE_FORMATS else \
+        detect_preference_format(args.path) if args.format == "auto" and args.prompt_column is None else None
+    if preference:
+        return read_preferences(args.path, preference, args.skip_invalid)
     return read_dialogues(args.path, args.format, args.role_map, args.skip_invalid, args.split,
                           args.prompt_column, args.response_column, args.window)
 
@@ -91,7 +99,7 @@ def _read(args) -> ReadResult:
 
 
 def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_reader_arguments(parser, (*DIALOGUE_CHOICES, "text"))
+    _add_reader_arguments(parser, (*DIALOGUE_CHOICES, *PREFERENCE_FORMATS, "text"))
     parser.add_argument("--text-field", help="--format text: JSON field with the text (default: text/src_txt/content)")
     parser.add_argument("--target-field", default="tgt_txt",
                         help="--format text: JSON field with a target (default: %(default)s)")
@@ -105,7 +113,9 @@ def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
 def run_inspect(args) -> int:
     result = _read(args)
     lines = [f"path: {result.path}", f"format: {result.format}"]
-    lines += _text_stats(result.records) if args.format == "text" else _dialogue_stats(result.records)
+    stats = _text_stats if args.format == "text" else \
+        _pair_stats if result.format in PREFERENCE_FORMATS else _dialogue_stats
+    lines += stats(result.records)
     if args.skip_invalid:
         lines.append(f"skipped (invalid): {result.skipped:,}")
     if args.tokenizer:
@@ -134,6 +144,22 @@ def _dialogue_stats(records: list[Dialogue]) -> list[str]:
     ]
 
 
+def _pair_stats(records: list[PreferencePair]) -> list[str]:
+    """Counts, and how often the chosen reply is the longer one: a reward learned from pairs where it
+    nearly always is may learn length rather than quality."""
+    longer = sum(len(p.chosen) > len(p.rejected) for p in records)
+    return [
+        f"pairs: {len(records):,}",
+        f"turns per prompt: {_summary([len(p.prompt) for p in records])}",
+        "characters per prompt: " + _summary([sum(len(m["content"]) for m in p.prompt) for p in records],
+                                             ("mean", "max")),
+        f"characters per chosen reply: {_summary([len(p.chosen) for p in records], ('mean', 'max'))}",
+        f"characters per rejected reply: {_summary([len(p.rejected) for p in records], ('mean', 'max'))}",
+        f"chosen reply the longer one: {longer:,} of {len(records):,}" + (f" ({longer / len(records):.0%})"
+                                                                          if records else ""),
+    ]
+
+
 def _text_stats(records: list[TextRecord]) -> list[str]:
     chars = [len(r.text) for r in records]
     return [
@@ -144,9 +170,11 @@ def _text_stats(records: list[TextRecord]) -> list[str]:
     ]
 
 
-def _texts(record: Dialogue | TextRecord) -> list[str]:
+def _texts(record: Dialogue | TextRecord | PreferencePair) -> list[str]:
     if isinstance(record, TextRecord):
         return [record.text] + ([record.target] if record.target is not None else [])
+    if isinstance(record, PreferencePair):
+        return [m["content"] for m in record.prompt] + [record.chosen, record.rejected]
     return [m["content"] for m in record.messages]
 
 
@@ -186,9 +214,12 @@ def _token_stats(tokenizer_dir: str, texts: list[str]) -> list[str]:
     return lines
 
 
-def _render(record: Dialogue | TextRecord) -> str:
+def _render(record: Dialogue | TextRecord | PreferencePair) -> str:
     if isinstance(record, TextRecord):
         pairs = [("text", record.text)] + ([("target", record.target)] if record.target is not None else [])
+    elif isinstance(record, PreferencePair):
+        pairs = [(m["role"], m["content"]) for m in record.prompt] + [("chosen", record.chosen),
+                                                                      ("rejected", record.rejected)]
     else:
         pairs = [(m["role"], m["content"]) for m in record.messages]
     return "\n".join(f"  {name}: {_clip(text)}" for name, text in pairs)
@@ -204,9 +235,11 @@ def _clip(text: str) -> str:
 
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_reader_arguments(parser, DIALOGUE_CHOICES)
-    parser.add_argument("--to", required=True, choices=("eva", "conversation", "text"),
-                        help="output format (text: one JSONL document per dialogue, its turns on lines, for pre-training)")
+    _add_reader_arguments(parser, (*DIALOGUE_CHOICES, *PREFERENCE_FORMATS))
+    parser.add_argument("--to", required=True, choices=("eva", "conversation", "text", "pairs"),
+                        help="output format (text: one JSONL document per dialogue, its turns on lines, for "
+                             "pre-training; pairs: preference pairs as JSONL {messages, chosen, rejected}; from "
+                             "preference data the other formats hold each prompt with its chosen reply)")
     parser.add_argument("--out", required=True,
                         help="output file (an existing one is replaced only with --overwrite); with --split-ratio a "
                              "directory for train/valid/test files: new, empty, or an earlier split by data convert "
@@ -223,9 +256,11 @@ def run_convert(args) -> int:
     _check_convert_out(out, args.split_ratio is not None, args.overwrite)
     result = _read(args)
     notes: Counter = Counter()
-    encode = {"eva": _eva_line, "conversation": _conversation_line, "text": _text_line}[args.to]
-    samples = [(dialogue_origin(d.source), line) for d in result.records if (line := encode(d, notes)) is not None]
-    print(f"read {len(result.records):,} dialogues ({result.format}) from {result.path}"
+    records = _convertible(result, args.to)
+    encode = {"eva": _eva_line, "conversation": _conversation_line, "text": _text_line, "pairs": _pair_line}[args.to]
+    samples = [(dialogue_origin(d.source), line) for d in records if (line := encode(d, notes)) is not None]
+    kind = "pairs" if result.format in PREFERENCE_FORMATS else "dialogues"
+    print(f"read {len(result.records):,} {kind} ({result.format}) from {result.path}"
           + (f"; skipped {result.skipped:,} invalid records" if args.skip_invalid else ""))
     if args.split_ratio is None:
         write_lines(out, [line for _, line in samples], hint=", or --split-ratio to write splits into it")
@@ -239,6 +274,18 @@ def run_convert(args) -> int:
         if count or note == _REPLACED:
             print(f"  {count:,} {note}")
     return 0
+
+
+def _convertible(result: ReadResult, to: str) -> list:
+    """The records to write as `to`: pairs as pairs, or a pair's prompt with its chosen reply as a
+    dialogue (SFT on the preferred replies, the usual start of preference training)."""
+    if result.format in PREFERENCE_FORMATS:
+        return result.records if to == "pairs" else \
+            [Dialogue(p.prompt + [{"role": "assistant", "content": p.chosen}], p.source) for p in result.records]
+    if to == "pairs":
+        raise HuayuError(f"--to pairs needs preference data (chosen/rejected pairs); {result.path} holds "
+                         f"{result.format} dialogues")
+    return result.records
 
 
 def _check_convert_out(out: Path, split: bool, overwrite: bool) -> None:
@@ -283,6 +330,11 @@ def _eva_line(dialogue: Dialogue, notes: Counter) -> str | None:
 
 def _conversation_line(dialogue: Dialogue, notes: Counter) -> str:
     return json.dumps({"messages": dialogue.messages}, ensure_ascii=False)
+
+
+def _pair_line(pair: PreferencePair, notes: Counter) -> str:
+    """A pair as huayu.data.preferences reads it back: the prompt's turns under `messages`."""
+    return json.dumps({"messages": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}, ensure_ascii=False)
 
 
 def _text_line(dialogue: Dialogue, notes: Counter) -> str:

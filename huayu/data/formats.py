@@ -6,6 +6,11 @@ nothing else. Every reader turns its file into `(where, raw)` entries and hands 
 collector, which is the only place deciding what happens to a malformed record: a `DataError`
 naming the file, the line or record and the reason, or (with `skip_invalid`) a counted skip.
 Nothing is dropped silently.
+
+Tool calling (huayu/tools.py, docs/tools.md): sharegpt's `function_call` / `observation` turns and
+OpenAI's assistant `tool_calls` / `tool` messages both become assistant messages with `tool_calls`
+and `tool` messages; a record's `tools` (or, as GLM-4 writes them, a message's) ride on the
+dialogue's first message.
 """
 
 from __future__ import annotations
@@ -21,20 +26,22 @@ import yaml
 
 from huayu.data.templates import ROLES
 from huayu.errors import DataError, HuayuError
+from huayu.tools import function_tools, tool_call, with_tools
 
 DIALOGUE_FORMATS = ("eva", "conversation", "alpaca", "sharegpt", "kdconv", "chatterbot")
 COLUMNS_FORMAT = "columns"  # any JSON/JSONL with --prompt-column/--response-column (e.g. ADGEN)
 TEXT_FIELDS = ("text", "src_txt", "content")  # read_texts' auto text field, in order of preference
+CALL = "function_call"  # sharegpt's role of an assistant turn whose text is a call's JSON
 DEFAULT_ROLE_MAP = {
-    "user": "user", "assistant": "assistant", "system": "system",
-    "human": "user", "gpt": "assistant", "bot": "assistant",
+    "user": "user", "assistant": "assistant", "system": "system", "tool": "tool",
+    "human": "user", "gpt": "assistant", "bot": "assistant", "observation": "tool", CALL: CALL,
 }
 CORPUS_SUFFIXES = (".txt", ".json", ".jsonl", ".gz")  # files read_texts takes from a directory
 
 
 @dataclass
 class Dialogue:
-    messages: list[dict[str, str]]  # [{"role": "system"|"user"|"assistant", "content": str}, ...]
+    messages: list[dict]  # [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...], see above
     source: str  # "path:line N" or "path:record N", for error messages
 
 
@@ -277,7 +284,7 @@ def _map_role(raw, role_map: dict[str, str], label: str) -> str:
         raise _Invalid(f"{label}: missing role")
     role = role_map.get(raw, role_map.get(raw.lower())) if isinstance(raw, str) else None
     if role is None:
-        raise _Invalid(f"{label}: unknown role {raw!r}; map it with --role-map {raw}=user (or assistant/system)")
+        raise _Invalid(f"{label}: unknown role {raw!r}; map it with --role-map {raw}=user (or assistant/system/tool)")
     return role
 
 
@@ -302,7 +309,8 @@ def _chatterbot_build(raw, source: str) -> list[Dialogue]:
 
 
 def _chat_builder(list_keys: tuple[str, ...], role_map: dict[str, str]) -> Builder:
-    """conversation/sharegpt: a list of speaker-labelled turns under one of `list_keys`."""
+    """conversation/sharegpt: a list of speaker-labelled turns under one of `list_keys`, the tools
+    under the record's `tools` or a turn's."""
 
     def build(raw, source: str) -> list[Dialogue]:
         record = _object(raw)
@@ -312,18 +320,57 @@ def _chat_builder(list_keys: tuple[str, ...], role_map: dict[str, str]) -> Build
         turns = record[key]
         if not isinstance(turns, list):
             raise _Invalid(f"{key}: expected a list of turns, got {_type_name(turns)}")
-        messages = _system_messages(record) + [_chat_turn(t, f"turn {i}", role_map) for i, t in enumerate(turns, 1)]
-        return [_dialogue(messages, source)]
+        messages = _system_messages(record)
+        for i, turn in enumerate(turns, 1):
+            message = _chat_turn(turn, f"turn {i}", role_map)
+            if message["role"] == "tool" and (not messages or messages[-1]["role"] not in ("assistant", "tool")):
+                raise _Invalid(f"turn {i}: a tool result must answer an assistant turn (its call)")
+            messages.append(message)
+        return [_dialogue(with_tools(messages, _tools(record, turns)), source)]
 
     return build
 
 
-def _chat_turn(turn, label: str, role_map: dict[str, str]) -> dict[str, str]:
-    """One turn as {"role", "content"} or sharegpt's {"from", "value"}."""
+def _chat_turn(turn, label: str, role_map: dict[str, str]) -> dict:
+    """One turn as {"role", "content"} or sharegpt's {"from", "value"}; an assistant turn with
+    OpenAI's `tool_calls`, or a sharegpt `function_call` turn, as a message with calls."""
     if not isinstance(turn, dict):
         raise _Invalid(f"{label}: expected an object with role and content, got {_type_name(turn)}")
     role = _map_role(turn.get("role", turn.get("from")), role_map, label)
-    return _message(role, turn.get("content", turn.get("value")), label)
+    content = turn.get("content", turn.get("value"))
+    if role == CALL:
+        return {"role": "assistant", "content": "", "tool_calls": _calls(_json_text(content, label), label)}
+    if role == "assistant" and turn.get("tool_calls"):
+        return {"role": "assistant", "content": _optional_text(turn, "content"),
+                "tool_calls": _calls(turn["tool_calls"], label)}
+    return _message(role, content, label)
+
+
+def _json_text(value, label: str):
+    try:
+        return json.loads(_text(value, label))
+    except json.JSONDecodeError as exc:
+        raise _Invalid(f"{label}: a function_call turn must hold a call's JSON: {exc.msg} (column {exc.colno})")
+
+
+def _calls(raw, label: str) -> list[dict]:
+    """One call or a list of them (parallel calls), each in huayu's or OpenAI's form."""
+    try:
+        return [tool_call(c) for c in (raw if isinstance(raw, list) else [raw])]
+    except ValueError as exc:
+        raise _Invalid(f"{label}: {exc}") from None
+
+
+def _tools(record: dict, turns: list) -> list[dict]:
+    """The record's `tools` (a list, or glaive's JSON text of one), or a turn's (GLM-4's data)."""
+    given = [(key, value) for key, value in [("tools", record.get("tools"))] + [
+        (f"turn {i} tools", t.get("tools")) for i, t in enumerate(turns, 1)] if value]
+    if len(given) > 1:
+        raise _Invalid(f"tools given twice: {given[0][0]} and {given[1][0]}")
+    try:
+        return function_tools(given[0][1]) if given else []
+    except ValueError as exc:
+        raise _Invalid(f"{given[0][0]}: {exc}") from None
 
 
 def _alpaca_build(raw, source: str) -> list[Dialogue]:
@@ -500,9 +547,9 @@ def _resolve_format(path: Path, fmt: str, prompt_column: str | None, response_co
 
 def _role_map(extra: dict[str, str] | None) -> dict[str, str]:
     extra = extra or {}
-    bad = {src: dst for src, dst in extra.items() if dst not in ROLES}
+    bad = {src: dst for src, dst in extra.items() if dst not in ROLES + (CALL,)}
     if bad:
-        raise HuayuError(f"role map: {bad} maps to unknown roles; the roles are {', '.join(ROLES)}")
+        raise HuayuError(f"role map: {bad} maps to unknown roles; the roles are {', '.join(ROLES + (CALL,))}")
     return DEFAULT_ROLE_MAP | extra
 
 
@@ -581,7 +628,8 @@ def dialogue_origin(source: str) -> str:
 
 
 def dialogue_texts(result: ReadResult) -> Iterator[str]:
-    """Every piece of text in a ReadResult, once (e.g. to train a tokenizer).
+    """Every piece of text in a ReadResult, once (e.g. to train a tokenizer); tools and calls as the
+    JSON templates write them.
 
     A sample expanded from a dialogue repeats the earlier samples' turns as context, so after the
     first sample of an origin only its new, final turn is yielded.
@@ -595,5 +643,7 @@ def dialogue_texts(result: ReadResult) -> Iterator[str]:
             continue
         origin = dialogue_origin(record.source)
         messages = record.messages[-1:] if origin == previous and origin != record.source else record.messages
-        yield from (m["content"] for m in messages)
+        for m in messages:
+            yield m["content"]
+            yield from (json.dumps(x, ensure_ascii=False) for x in m.get("tools", []) + m.get("tool_calls", []))
         previous = origin

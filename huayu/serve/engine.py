@@ -57,7 +57,7 @@ class Request:
         self.cancelled = True
 
 
-def _held_back(text: str, stops: list[str]) -> int:
+def held_back(text: str, stops: list[str]) -> int:
     """How many trailing characters might begin a stop string (or an incomplete character)."""
     held = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
     return max(held, 1 if text.endswith("\ufffd") else 0)
@@ -270,7 +270,7 @@ class Engine:
                 r.text, r.finish_reason = r.text[:min(hits)], "stop"
             elif len(r.out) >= p.max_tokens or len(r.prompt) + len(r.out) >= self.max_positions:
                 r.finish_reason = "length"
-        end = len(r.text) if r.finish_reason else len(r.text) - _held_back(r.text, p.stop)
+        end = len(r.text) if r.finish_reason else len(r.text) - held_back(r.text, p.stop)
         if end > r.sent or r.finish_reason:
             r.emit(Event(text=r.text[r.sent:end], finish_reason=r.finish_reason))
             r.sent = max(r.sent, end)

@@ -1,10 +1,12 @@
 """The OpenAI request schemas `huayu serve` accepts, and its errors in OpenAI's format.
 
 Requests are validated strictly, as OpenAI does: an unknown field, a role other than system /
-developer / user / assistant, empty messages or an out-of-range parameter is a 400 whose body names
-the field (`{"error": {"message", "type", "param", "code"}}`). Parameters OpenAI has but huayu does
-not implement (tools, logprobs, ...) are refused by name rather than ignored. Every sampling
-parameter is bounded so that no value that passes here can fail the batch it decodes in.
+developer / user / assistant / tool, empty messages or an out-of-range parameter is a 400 whose body
+names the field (`{"error": {"message", "type", "param", "code"}}`). Parameters OpenAI has but huayu
+does not implement (logprobs, tool_choice "required", ...) are refused by name rather than ignored.
+Every sampling parameter is bounded so that no value that passes here can fail the batch it decodes in.
+Tools (docs/tools.md): `tools` with `tool_choice` "auto" (the default) or "none"; assistant messages
+with `tool_calls` and `tool` messages answering them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 
 from huayu.serve.sampling import SamplingParams
+from huayu.tools import TOOL_NAME, function_tool, tool_call
 
 
 class APIError(Exception):
@@ -41,6 +44,15 @@ def validation_error(errors: list[dict]) -> APIError:
     if e["type"] == "unsupported_parameter":
         param = e["ctx"]["param"]
         return APIError(400, f"'{param}' is not supported by huayu serve", param=param, code="unsupported_parameter")
+    if e["type"] == "unsupported_value":
+        return APIError(400, e["msg"], param=param, code="unsupported_value")
+    if e["type"] == "missing_field":
+        param = ".".join(loc + [e["ctx"]["field"]])
+        return APIError(400, f"Missing required parameter: '{param}'{e['ctx']['why']}", param=param,
+                        code="missing_required_parameter")
+    if e["type"] == "misplaced":
+        param = ".".join(loc + [e["ctx"]["field"]])
+        return APIError(400, f"{param}: {e['msg']}", param=param, code="invalid_value")
     if e["type"] == "not_unicode":
         param = e["ctx"]["param"]
         return APIError(400, f"{param}: holds half a UTF-16 surrogate pair (such as \\ud800), which is not text",
@@ -53,7 +65,7 @@ def validation_error(errors: list[dict]) -> APIError:
     if e["type"] == "missing":
         return APIError(400, f"Missing required parameter: '{param}'", param=param, code="missing_required_parameter")
     if e["type"] == "literal_error" and loc[-1:] == ["role"]:
-        return APIError(400, f"{param}: unknown role {e['input']!r}; expected system, developer, user or assistant",
+        return APIError(400, f"{param}: unknown role {e['input']!r}; expected one of {', '.join(API_ROLES)}",
                         param=param, code="invalid_value")
     where = f"{param}: " if param else "the request body: "
     return APIError(400, f"{where}{e['msg']} (got {e.get('input')!r})"[:500], param=param, code="invalid_value")
@@ -68,13 +80,87 @@ class TextPart(Strict):
     text: str
 
 
+class FunctionCall(Strict):
+    name: str
+    arguments: str  # JSON text of an object, as OpenAI sends it
+
+    @field_validator("arguments")
+    @classmethod
+    def json_object(cls, arguments):
+        try:
+            value = json.loads(arguments)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not JSON: {exc.msg}") from None
+        if not isinstance(value, dict):
+            raise ValueError("not a JSON object")
+        return arguments
+
+
+class ToolCall(Strict):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
+API_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
 class Message(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal[API_ROLES]
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def fields_of_the_role(cls, message):
+        """Content is required but for an assistant's calls; a tool result names its call; only an
+        assistant calls."""
+        if not isinstance(message, dict) or message.get("role") not in API_ROLES:
+            return message  # the role's own error says what is wrong
+        role = message["role"]
+        if message.get("content") is None and not (role == "assistant" and message.get("tool_calls")):
+            why = "" if role != "assistant" else " (or 'tool_calls')"
+            raise PydanticCustomError("missing_field", "missing", {"field": "content", "why": why})
+        if role == "tool" and not message.get("tool_call_id"):
+            raise PydanticCustomError("missing_field", "missing", {"field": "tool_call_id",
+                                                                   "why": ": the id of the call this answers"})
+        for field, owner in (("tool_calls", "assistant"), ("tool_call_id", "tool")):
+            if message.get(field) is not None and role != owner:
+                raise PydanticCustomError("misplaced", f"only {owner} messages have {field}", {"field": field})
+        return message
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+
+    def for_template(self) -> dict:
+        """huayu's message (huayu/tools.py); OpenAI's `developer` is the system role."""
+        message = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [tool_call(c.function.model_dump()) for c in self.tool_calls]
+        return message
+
+
+class FunctionSpec(Strict):
+    name: str = Field(pattern=f"^{TOOL_NAME.pattern}$")
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(Strict):
@@ -82,8 +168,8 @@ class StreamOptions(Strict):
 
 
 # OpenAI parameters huayu does not implement, with the values that ask for nothing (accepted).
-UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}), "tools": (None, []),
-               "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}),
+               "parallel_tool_calls": (None, True), "functions": (None, []), "function_call": (None, "none"),
                "response_format": (None, {"type": "text"}), "best_of": (None, 1), "echo": (None, False),
                "suffix": (None, "")}
 # a stop string is looked for in the text after every token: a long one would slow the whole batch
@@ -154,10 +240,44 @@ class Decoding(Strict):
 class ChatRequest(Decoding):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+
+    @field_validator("tool_choice")
+    @classmethod
+    def auto_or_none(cls, choice):
+        """"required" and a named function would need decoding forced into a call: not implemented."""
+        if choice is not None and choice not in ("auto", "none"):
+            shown = repr(choice) if isinstance(choice, str) else f"naming function {choice.function.name!r}"
+            raise PydanticCustomError("unsupported_value", "tool_choice {choice} is not supported by huayu serve: "
+                                      "use 'auto' (the model decides) or 'none'", {"choice": shown})
+        return choice
+
+    @model_validator(mode="after")
+    def tools_and_calls_agree(self):
+        if self.tool_choice is not None and not self.tools:
+            raise PydanticCustomError("misplaced", "only allowed when tools are given",
+                                      {"field": "tool_choice"})
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) < len(names):
+            raise PydanticCustomError("misplaced", "two tools share a name", {"field": "tools"})
+        calls: set[str] = set()
+        for i, m in enumerate(self.messages):
+            calls |= {c.id for c in m.tool_calls or []}
+            if m.role == "tool" and m.tool_call_id not in calls:
+                raise PydanticCustomError("misplaced", "a tool message must answer a tool call of an earlier "
+                                          "assistant message (no call has this id)",
+                                          {"field": f"messages.{i}.tool_call_id"})
+        return self
+
+    def offered_tools(self) -> list[dict]:
+        """The tools the model is shown: none with tool_choice "none"."""
+        if self.tool_choice == "none":
+            return []
+        return [function_tool(t.function.model_dump(exclude_none=True, exclude={"strict"})) for t in self.tools or []]
 
     def messages_for_template(self) -> list[dict]:
-        """Role/content dicts for the chat template; OpenAI's `developer` is the system role."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        return [m.for_template() for m in self.messages]
 
 
 class CompletionRequest(Decoding):

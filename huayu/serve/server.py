@@ -1,10 +1,13 @@
 """`huayu serve`: an OpenAI-compatible HTTP API over the continuous-batching engine.
 
 Endpoints: POST /v1/chat/completions and /v1/completions (streamed as server-sent events ending in
-`data: [DONE]`, or whole), GET /v1/models and /health. Every error is OpenAI's JSON shape. A
-client that disconnects, streaming or not, cancels its requests, which leave the batch at the next
-step. Prompts are rendered and tokenized off the event loop, and request bodies are bounded before
-they are read, so that no request holds up the others (or /health).
+`data: [DONE]`, or whole), GET /v1/models and /health. A chat request with `tools` gets the calls
+its reply makes as `message.tool_calls` (finish_reason "tool_calls"); streamed, the reply's text
+goes out as it comes until a call begins, and the calls go out whole when the reply is done
+(docs/tools.md). Every error is OpenAI's JSON shape. A client that disconnects, streaming or not,
+cancels its requests, which leave the batch at the next step. Prompts are rendered and tokenized
+off the event loop, and request bodies are bounded before they are read, so that no request holds
+up the others (or /health).
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from huayu.config import add_config_arguments, config_from_args, field_doc
+from huayu.data.chat import renders_tools, tool_templates
 from huayu.data.chat_templates import TEMPLATE_HELP, with_system
 from huayu.errors import HuayuError
 from huayu.models.loading import InferenceArgs
 from huayu.serve.engine import Engine, Event, QueueFull, Request
 from huayu.serve.protocol import APIError, ChatRequest, CompletionRequest, Decoding, validation_error
+from huayu.tools import ReplyStream, parse_reply, with_tools
 
 
 @dataclass
@@ -82,6 +87,7 @@ class Service:
 
     def __init__(self, generator, engine: Engine, name: str, cfg: ServeConfig):
         self.generator, self.engine, self.name, self.cfg = generator, engine, name, cfg
+        self.renders_tools = renders_tools(generator.tokenizer)
 
     def check_model(self, body: Decoding) -> None:
         if body.model != self.name:
@@ -92,8 +98,13 @@ class Service:
         if len(body.messages) > self.cfg.max_messages:
             raise APIError(400, f"messages: {len(body.messages)} messages, more than this server takes "
                            f"({self.cfg.max_messages})", param="messages", code="invalid_value")
+        tools = body.offered_tools()
+        if tools and not self.renders_tools:
+            raise APIError(400, "tools: this model's chat template does not render tools; serve a model fine-tuned "
+                           f"with one that does (--template {', '.join(tool_templates())}: docs/tools.md)",
+                           param="tools", code="invalid_value")
         try:
-            messages = with_system(body.messages_for_template(), self.cfg.system)
+            messages = with_tools(with_system(body.messages_for_template(), self.cfg.system), tools)
             return self.generator.encode_chat(messages, max_source_length=10 ** 9)
         except Exception as exc:  # the model's own Jinja template refusing these messages
             raise APIError(400, f"messages: the model's chat template cannot render them: {exc}", param="messages",
@@ -149,11 +160,19 @@ def sse(payload) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-class Reply:
-    """The shape of one endpoint's answers: chat (`message` / `delta`) or text completions."""
+def openai_calls(calls: list[dict], indexed: bool = False) -> list[dict]:
+    """huayu's calls as OpenAI's `tool_calls` (each with a new id; `indexed`: a stream's delta)."""
+    return [{**({"index": i} if indexed else {}), "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+            for i, c in enumerate(calls)]
 
-    def __init__(self, chat: bool, model: str):
-        self.chat, self.model = chat, model
+
+class Reply:
+    """The shape of one endpoint's answers: chat (`message` / `delta`) or text completions; with
+    `tool_calls`, a chat reply's calls are read out of its text."""
+
+    def __init__(self, chat: bool, model: str, tool_calls: bool = False):
+        self.chat, self.model, self.tool_calls = chat, model, tool_calls
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
 
@@ -161,9 +180,15 @@ class Reply:
         return {"id": self.id, "object": object_, "created": self.created, "model": self.model,
                 "choices": choices, **extra}
 
-    def chunk(self, index: int, text: str | None = None, finish: str | None = None, role: bool = False) -> dict:
+    def chunk(self, index: int, text: str | None = None, finish: str | None = None, role: bool = False,
+              calls: list[dict] | None = None) -> dict:
         if self.chat:
-            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+            if role:
+                delta = {"role": "assistant", "content": ""}
+            elif calls:
+                delta = {"tool_calls": openai_calls(calls, indexed=True)}
+            else:
+                delta = {"content": text} if text else {}
             choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
             return self._envelope("chat.completion.chunk", [choice])
         return self._envelope("text_completion", [{"index": index, "text": text or "", "logprobs": None,
@@ -172,10 +197,17 @@ class Reply:
     def usage_chunk(self, counts: dict) -> dict:
         return self._envelope("chat.completion.chunk" if self.chat else "text_completion", [], usage=counts)
 
+    def message(self, r: Request) -> tuple[dict, str]:
+        """A finished chat choice's message and finish reason: "tool_calls" when it made calls."""
+        content, calls = parse_reply(r.text) if self.tool_calls else (r.text, [])
+        if not calls:
+            return {"role": "assistant", "content": r.text}, r.finish_reason
+        return {"role": "assistant", "content": content or None, "tool_calls": openai_calls(calls)}, "tool_calls"
+
     def whole(self, requests: list[Request], counts: dict) -> dict:
         if self.chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
-                        "finish_reason": r.finish_reason} for i, r in enumerate(requests)]
+            choices = [{"index": i, "message": message, "logprobs": None, "finish_reason": finish}
+                       for i, (message, finish) in enumerate(map(self.message, requests))]
             return self._envelope("chat.completion", choices, usage=counts)
         choices = [{"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
                    for i, r in enumerate(requests)]
@@ -183,22 +215,30 @@ class Reply:
 
 
 async def stream_events(reply: Reply, queue, requests, prompts, include_usage: bool):
-    """Server-sent events of every choice as the engine produces them, then usage and [DONE].
-    However the stream ends (a client gone included), its unfinished requests are cancelled."""
+    """Server-sent events of every choice as the engine produces them, then usage and [DONE]: a
+    chat choice's calls whole once it is done, its text up to them as it comes. However the stream
+    ends (a client gone included), its unfinished requests are cancelled."""
     try:
         if reply.chat:
             for i in range(len(requests)):
                 yield sse(reply.chunk(i, role=True))
+        streams = [ReplyStream(reply.tool_calls) for _ in requests]
         done = 0
         while done < len(requests):
             index, event = await queue.get()
             if event.error:
                 yield sse(APIError(500, event.error, type="server_error").body())
                 break
-            if event.text:
-                yield sse(reply.chunk(index, text=event.text))
+            shown = streams[index].feed(event.text)
+            if shown:
+                yield sse(reply.chunk(index, text=shown))
             if event.finish_reason:
-                yield sse(reply.chunk(index, finish=event.finish_reason))
+                rest, _, calls = streams[index].finish()
+                if rest:
+                    yield sse(reply.chunk(index, text=rest))
+                if calls:
+                    yield sse(reply.chunk(index, calls=calls))
+                yield sse(reply.chunk(index, finish="tool_calls" if calls else event.finish_reason))
                 done += 1
         if include_usage:
             yield sse(reply.usage_chunk(usage(prompts, requests)))
@@ -326,7 +366,8 @@ def create_app(service: Service, api_key: str | None = None):
         prompt = await asyncio.to_thread(service.encode_chat, body)
         limit = service.max_tokens(prompt, body.max_completion_tokens or body.max_tokens, "messages")
         # n choices of one prompt: the prompt counts once in usage
-        return await respond(http_request, body, Reply(True, service.name), [prompt], [limit])
+        reply = Reply(True, service.name, tool_calls=bool(body.offered_tools()))
+        return await respond(http_request, body, reply, [prompt], [limit])
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(body: CompletionRequest, http_request: HTTPRequest):

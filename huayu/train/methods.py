@@ -85,9 +85,9 @@ def _full(model, args: FinetuningArgs):
 def _lora(model, args: FinetuningArgs):
     from peft import LoraConfig
 
-    from huayu.models.families import family_of, has_transposed_linears, lora_targets
+    from huayu.models.families import has_transposed_linears, lora_targets
 
-    config = LoraConfig(task_type=family_of(model.config).peft_task, r=args.lora_rank, lora_alpha=args.lora_alpha,
+    config = LoraConfig(task_type=_peft_task(model), r=args.lora_rank, lora_alpha=args.lora_alpha,
                         lora_dropout=args.lora_dropout, target_modules=lora_targets(model, args.lora_target),
                         fan_in_fan_out=has_transposed_linears(model))
     return _wrap(model, config, "--lora-target")
@@ -96,14 +96,26 @@ def _lora(model, args: FinetuningArgs):
 def _prefix(model, args: FinetuningArgs):
     from peft import PrefixTuningConfig
 
-    from huayu.models.families import cache_argument, family_of
+    from huayu.models.families import cache_argument
 
     if cache_argument(model) is None:
         raise HuayuError(f"--finetuning-type prefix needs a model that takes past key/values; "
                          f"{type(model).__name__} does not: use --finetuning-type lora")
-    config = PrefixTuningConfig(task_type=family_of(model.config).peft_task, num_virtual_tokens=args.pre_seq_len,
+    config = PrefixTuningConfig(task_type=_peft_task(model), num_virtual_tokens=args.pre_seq_len,
                                 prefix_projection=args.prefix_projection)
     return _wrap(model, config, "--finetuning-type prefix")
+
+
+def _is_classifier(model) -> bool:
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
+def _peft_task(model) -> str:
+    """peft's task type: a sequence classifier's (a reward model), whose new head peft then trains
+    and saves with the adapter, or the family's."""
+    from huayu.models.families import family_of
+
+    return "SEQ_CLS" if _is_classifier(model) else family_of(model.config).peft_task
 
 
 def _wrap(model, config, flag: str):
@@ -136,7 +148,7 @@ def _freeze(model, args: FinetuningArgs):
             raise HuayuError(f"--freeze-trainable-modules: '{pattern.pattern}' matches no parameter "
                              f"(names look like {names[0]}, {names[-1]})")
     last = tuple(f"{prefix}.{i}." for i in range(len(layers) - n, len(layers)))
-    head = type(model).__name__.endswith("ForSequenceClassification")
+    head = _is_classifier(model)
     for name, param in model.named_parameters():
         in_head = head and not name.startswith(f"{model.base_model_prefix}.")
         param.requires_grad_(in_head or name.startswith(last) or any(p.search(name) for p in patterns))

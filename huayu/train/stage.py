@@ -44,7 +44,8 @@ class StageData:
     loss_fn: LossFn = model_loss
     evaluation: Evaluation | None = None
     classes: list[str] | None = None
-    check_model: Callable | None = None  # called with the model before training: refuses what it cannot train
+    check_model: Callable | None = None  # called with the model before training: refuses what it cannot train,
+    #                                      or readies what the loss needs beside it (DPO's reference)
 
 
 def _is_own_run(out: Path, command: str, overwrite: bool) -> bool:
