@@ -150,3 +150,20 @@ def test_an_over_long_reply_keeps_its_prompt(tokenizer):
     assert len(example.input_ids) == 64
     assert prompt >= len(tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=True))
     assert example.full_length > 300
+
+
+def test_packed_full_batch_training_is_unpacked_training(tmp_path, lively_model_dir, capsys):
+    """Every step on the whole data set, packed or not: the same loss at every step (the later ones
+    after updates from the earlier gradients) and the same weights; and with --grad-accum, packed
+    micro-batches train as one packed batch (token-weighted)."""
+    from test_token_weighting import UNEVEN, assert_same_training, sft
+
+    data = write_conversations(tmp_path / "d.jsonl", UNEVEN)
+    assert main(sft(lively_model_dir, data, tmp_path / "plain", "--batch-size", "16")) == 0
+    assert main(sft(lively_model_dir, data, tmp_path / "packed", "--batch-size", "16", "--packing",
+                    "--max-seq-length", "96")) == 0
+    assert_same_training(tmp_path / "plain", tmp_path / "packed")
+    assert "16 examples -> 5 rows" in capsys.readouterr().out  # so 5 micro-batches of one row are the data set
+    assert main(sft(lively_model_dir, data, tmp_path / "accum", "--batch-size", "1", "--grad-accum", "5",
+                    "--packing", "--max-seq-length", "96")) == 0
+    assert_same_training(tmp_path / "packed", tmp_path / "accum")
