@@ -125,3 +125,23 @@ def test_sft_trains_on_tool_calls(tmp_path, tiny_model_dir):
     example = encode_dialogue(tok, read_dialogues(data).records[0].messages, 10 ** 6, 10 ** 6)
     learned = tok.decode([t for t, label in zip(example.input_ids, example.labels) if label == t])
     assert "你好" in learned and "晚安" not in learned  # (the test tokenizer spells no ASCII: <unk>s)
+
+
+def test_inspect_shows_calls_and_tools_and_convert_says_what_it_drops(tmp_path, capsys):
+    from huayu.cli import main
+
+    record = {"conversations": [{"from": "human", "value": "问"},
+                                {"from": "function_call", "value": json.dumps({"name": "calc", "arguments": {"x": "1"}})},
+                                {"from": "observation", "value": "1"}, {"from": "gpt", "value": "答"}],
+              "tools": [CALC]}
+    data = write(tmp_path / "d.jsonl", [record] * 3)
+    assert main(["data", "inspect", data]) == 0
+    out = capsys.readouterr().out
+    assert "tools: offered in 3 dialogues (1 distinct); 3 tool calls" in out
+    assert "  tools: calc" in out and '  assistant calls: calc({"x": "1"})' in out
+    assert "  assistant: \n" not in out  # a call turn is not an empty reply
+    assert main(["data", "convert", data, "--to", "eva", "--out", str(tmp_path / "eva")]) == 0
+    out = capsys.readouterr().out
+    for dropped in ("3 tool lists dropped", "3 tool calls dropped", "3 tool results dropped"):
+        assert dropped in out
+    assert (tmp_path / "eva").read_text(encoding="utf-8").splitlines()[0] == "问\t答"  # no split: one file

@@ -136,12 +136,19 @@ def _summary(values: list[int], parts: tuple[str, ...] = ("min", "mean", "max"))
 def _dialogue_stats(records: list[Dialogue]) -> list[str]:
     turn_chars = [len(m["content"]) for d in records for m in d.messages]
     roles = Counter(m["role"] for d in records for m in d.messages)
-    return [
+    lines = [
         f"dialogues: {len(records):,}",
         f"turns per dialogue: {_summary([len(d.messages) for d in records])}",
         f"characters per turn: {_summary(turn_chars, ('mean', 'max'))}",
         "turns by role: " + ", ".join(f"{role} {count:,}" for role, count in sorted(roles.items())),
     ]
+    with_tools = [d for d in records if d.messages and d.messages[0].get("tools")]
+    calls = sum(len(m.get("tool_calls") or []) for d in records for m in d.messages)
+    if with_tools or calls:
+        names = Counter(t["function"]["name"] for d in with_tools for t in d.messages[0]["tools"])
+        lines.append(f"tools: offered in {len(with_tools):,} dialogues ({len(names):,} distinct); "
+                     f"{calls:,} tool calls")
+    return lines
 
 
 def _pair_stats(records: list[PreferencePair]) -> list[str]:
@@ -221,8 +228,20 @@ def _render(record: Dialogue | TextRecord | PreferencePair) -> str:
         pairs = [(m["role"], m["content"]) for m in record.prompt] + [("chosen", record.chosen),
                                                                       ("rejected", record.rejected)]
     else:
-        pairs = [(m["role"], m["content"]) for m in record.messages]
+        pairs = [pair for m in record.messages for pair in _turn(m)]
     return "\n".join(f"  {name}: {_clip(text)}" for name, text in pairs)
+
+
+def _turn(message: dict) -> list[tuple[str, str]]:
+    """A message as (label, text) lines: its tools offered and its calls shown as well as its text."""
+    lines = []
+    if message.get("tools"):
+        lines.append(("tools", ", ".join(t["function"]["name"] for t in message["tools"])))
+    if message["content"] or not message.get("tool_calls"):
+        lines.append((message["role"], message["content"]))
+    lines += [(f"{message['role']} calls", f"{c['name']}({json.dumps(c['arguments'], ensure_ascii=False)})")
+              for c in message.get("tool_calls") or []]
+    return lines
 
 
 def _clip(text: str) -> str:
@@ -309,9 +328,14 @@ def _eva_line(dialogue: Dialogue, notes: Counter) -> str | None:
     """One EVA sample: turns tab-joined, the last one the reply. EVA has no roles or system turns and
     infers speakers by alternation, so system turns are dropped, consecutive turns of one speaker
     merged and turns after the last assistant reply dropped -- each counted in `notes`."""
-    messages = [m for m in dialogue.messages if m["role"] != "system"]
-    notes["system turns dropped (EVA has no system turn)"] += len(dialogue.messages) - len(messages)
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    _count_dropped_tools(dialogue, notes, "EVA")
+    messages = [m for m in dialogue.messages if m["role"] not in ("system", "tool") and m["content"]]
+    notes["system turns dropped (EVA has no system turn)"] += sum(m["role"] == "system" for m in dialogue.messages)
+    replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not replies:
+        notes["dialogues whose replies are only tool calls skipped"] += 1
+        return None
+    last = replies[-1]
     notes["user turns after the last reply dropped"] += len(messages) - 1 - last
     turns: list[str] = []
     for i, m in enumerate(messages[: last + 1]):
@@ -339,7 +363,16 @@ def _pair_line(pair: PreferencePair, notes: Counter) -> str:
 
 def _text_line(dialogue: Dialogue, notes: Counter) -> str:
     """A dialogue as a pre-training document: the turns' texts, one per line (system turns kept)."""
-    return json.dumps({"text": "\n".join(m["content"] for m in dialogue.messages)}, ensure_ascii=False)
+    _count_dropped_tools(dialogue, notes, "plain text")
+    return json.dumps({"text": "\n".join(m["content"] for m in dialogue.messages if m["content"])}, ensure_ascii=False)
+
+
+def _count_dropped_tools(dialogue: Dialogue, notes: Counter, into: str) -> None:
+    """Tools, calls and tool results have no place in EVA's or plain text's format: said, not silent."""
+    messages = dialogue.messages
+    notes[f"tool lists dropped ({into} has no tools)"] += bool(messages and messages[0].get("tools"))
+    notes[f"tool calls dropped ({into} has no tools)"] += sum(len(m.get("tool_calls") or []) for m in messages)
+    notes[f"tool results dropped ({into} has no tools)"] += sum(m["role"] == "tool" for m in messages)
 
 
 def _split(samples: list[tuple[str, str]], ratio: tuple[float, float, float], seed: int) -> dict[str, list[str]]:
