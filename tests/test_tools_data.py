@@ -131,7 +131,8 @@ def test_inspect_shows_calls_and_tools_and_convert_says_what_it_drops(tmp_path, 
     from huayu.cli import main
 
     record = {"conversations": [{"from": "human", "value": "问"},
-                                {"from": "function_call", "value": json.dumps({"name": "calc", "arguments": {"x": "1"}})},
+                                {"from": "function_call",
+                                 "value": json.dumps({"name": "calc", "arguments": {"x": "1"}})},
                                 {"from": "observation", "value": "1"}, {"from": "gpt", "value": "答"}],
               "tools": [CALC]}
     data = write(tmp_path / "d.jsonl", [record] * 3)
