@@ -102,6 +102,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--smile-dialogues", type=int, default=800, help="SmileChat dialogues read (from the start)")
     p.add_argument("--vocab-size", type=int, default=6000, help="char tokenizer size (at most)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, every side")
+    p.add_argument("--packed-batch-size", type=int, default=BATCH,
+                   help="rows per step of huayu --packing: below 8, a packed epoch takes about as many optimiser "
+                        "steps as an unpacked one (for comparing losses at equal steps as well as equal tokens)")
     p.add_argument("--seed", type=int, default=42, help="weights, data order and subset seed")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--peak-seconds", type=float, default=1.0, help="seconds per matmul size of the peak")
@@ -203,7 +206,8 @@ def sft_argv(model_dir: str, data: str, out: Path, cutoff: int, args, packed: bo
     """The `huayu sft` command line of a huayu side (also parsed for the Trainer side's examples)."""
     argv = ["sft", "--model", model_dir, "--data", data, "--out", str(out), "--device", "cpu", "--bf16",
             "--max-seq-length", str(cutoff), "--max-source-length", str(cutoff), "--max-target-length", str(cutoff),
-            "--batch-size", str(BATCH), "--epochs", "1", "--lr", str(args.lr), "--schedule", "cosine",
+            "--batch-size", str(args.packed_batch_size if packed else BATCH), "--epochs", "1", "--lr", str(args.lr),
+            "--schedule", "cosine",
             "--warmup-steps", "0", "--weight-decay", "0.01", "--max-grad-norm", "1.0", "--seed", str(args.seed),
             "--log-every", "1", "--save-every", "0", "--cache-dir", str(args.cache_dir)]
     return argv + (["--packing"] if packed else [])
@@ -245,7 +249,7 @@ def split_subset(lengths: list[int], cutoff: int, args) -> tuple[list[int], list
     for k, i in enumerate(rest, 1):
         tokens += lengths[i]
         if tokens >= args.tokens and k >= need and \
-                len(best_fit_rows([lengths[j] for j in rest[:k]], cutoff)) >= need:
+                len(best_fit_rows([lengths[j] for j in rest[:k]], cutoff)) >= args.packed_batch_size * args.min_steps:
             return held, rest[:k]
     raise SystemExit(f"not enough examples for --tokens {args.tokens} and --min-steps {args.min_steps} at cutoff "
                      f"{cutoff} (--smile-dialogues reads more SmileChat)")
@@ -270,7 +274,7 @@ def prepare_config(dataset: str, dialogues, cutoff: int, model_dir: str, args, t
 
 # -- the three sides ---------------------------------------------------------------------------
 
-def huayu_plan(data: dict, cutoff: int, packed: bool, seed: int) -> list[dict]:
+def huayu_plan(data: dict, cutoff: int, packed: bool, seed: int, packed_batch: int = BATCH) -> list[dict]:
     """Per step of a huayu epoch: real tokens, computed positions and loss tokens, from huayu's own
     batch order (the loop's _batches) over its examples or packed rows."""
     from huayu.data.packing import best_fit_rows
@@ -280,7 +284,7 @@ def huayu_plan(data: dict, cutoff: int, packed: bool, seed: int) -> list[dict]:
     if packed:
         rows = best_fit_rows(lengths, cutoff)
         lengths, losses = [sum(lengths[i] for i in r) for r in rows], [sum(losses[i] for i in r) for r in rows]
-    targs = TrainArgs(batch_size=BATCH, seed=seed, epochs=1.0)
+    targs = TrainArgs(batch_size=packed_batch if packed else BATCH, seed=seed, epochs=1.0)
     batches = _batches(len(lengths), targs, 0)
     plan = []
     for _ in range(total_steps(len(lengths), targs)):
@@ -300,7 +304,7 @@ def run_huayu(cfg: dict, packed: bool, out: Path, args) -> dict:
             raise SystemExit(f"huayu sft failed; see {out.with_suffix('.log')}")
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text(encoding="utf-8").splitlines() if line]
     rows = [r for r in rows if "train_steps_per_s" in r]
-    plan = huayu_plan(cfg["data"], cfg["cutoff"], packed, args.seed)
+    plan = huayu_plan(cfg["data"], cfg["cutoff"], packed, args.seed, args.packed_batch_size)
     if [r["step"] for r in rows] != list(range(1, len(plan) + 1)):
         raise SystemExit(f"{out / 'log.jsonl'}: expected one row per step for {len(plan)} steps")
     for row, step in zip(rows, plan):
@@ -507,7 +511,8 @@ def main(argv=None) -> dict:
         sizes = ", ".join(f"{m} {v['params'] / 1e6:.2f}M" for m, v in models.items())
         print(f"datasets: {', '.join(f'{d} {len(v)} dialogues' for d, v in dialogues.items())}; vocab "
               f"{len(tokenizer)}; models: {sizes}; "
-              f"batch {BATCH}, bf16 autocast, lr {args.lr}, {args.rounds} round(s), {args.warmup} untimed step(s)",
+              f"batch {BATCH} (packed rows: {args.packed_batch_size}), bf16 autocast, lr {args.lr}, "
+              f"{args.rounds} round(s), {args.warmup} untimed step(s)",
               flush=True)
         results, peaks = [], []
         for dataset in args.datasets:
