@@ -70,27 +70,26 @@ def gpu_check_module():
     return module
 
 
+def _defaults(key: str) -> str:
+    return f"default {GPU_DEFAULTS[key]}; --smoke {SMOKE_DEFAULTS[key]}"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="CPU, tiny model, fp32: checks the script, not the GPU")
-    p.add_argument("--prompt-len", type=int, help=f"prompt tokens per row (default {GPU_DEFAULTS['prompt_len']}; "
-                   f"--smoke {SMOKE_DEFAULTS['prompt_len']}); serve: characters, about as many tokens")
-    p.add_argument("--new-tokens", type=int, help=f"generate: new tokens per row (default "
-                   f"{GPU_DEFAULTS['new_tokens']}; --smoke {SMOKE_DEFAULTS['new_tokens']})")
-    p.add_argument("--serve-tokens", type=int, help=f"serve: max_tokens per request (default "
-                   f"{GPU_DEFAULTS['serve_tokens']}; --smoke {SMOKE_DEFAULTS['serve_tokens']})")
-    p.add_argument("--batch-sizes", type=int, nargs="+", help=f"generate (default {GPU_DEFAULTS['batch_sizes']}; "
-                   f"--smoke {SMOKE_DEFAULTS['batch_sizes']})")
-    p.add_argument("--clients", type=int, nargs="+", help=f"serve: concurrent clients per level (default "
-                   f"{GPU_DEFAULTS['clients']}; --smoke {SMOKE_DEFAULTS['clients']})")
-    p.add_argument("--max-batch-size", type=int, help=f"huayu serve --max-batch-size (default "
-                   f"{GPU_DEFAULTS['max_batch_size']}; --smoke {SMOKE_DEFAULTS['max_batch_size']})")
-    p.add_argument("--max-queue", type=int, help=f"huayu serve --max-queue (default {GPU_DEFAULTS['max_queue']}; "
-                   f"--smoke {SMOKE_DEFAULTS['max_queue']})")
-    p.add_argument("--rounds", type=int, help=f"generate: timed calls after the warm-up; the best counts (default "
-                   f"{GPU_DEFAULTS['rounds']}; --smoke {SMOKE_DEFAULTS['rounds']})")
+    p.add_argument("--prompt-len", type=int,
+                   help=f"prompt tokens per row ({_defaults('prompt_len')}); serve: characters, about as many tokens")
+    p.add_argument("--new-tokens", type=int, help=f"generate: new tokens per row ({_defaults('new_tokens')})")
+    p.add_argument("--serve-tokens", type=int, help=f"serve: max_tokens per request ({_defaults('serve_tokens')})")
+    p.add_argument("--batch-sizes", type=int, nargs="+", help=f"generate ({_defaults('batch_sizes')})")
+    p.add_argument("--clients", type=int, nargs="+", help=f"serve: concurrent clients per level "
+                   f"({_defaults('clients')})")
+    p.add_argument("--max-batch-size", type=int, help=f"huayu serve --max-batch-size ({_defaults('max_batch_size')})")
+    p.add_argument("--max-queue", type=int, help=f"huayu serve --max-queue ({_defaults('max_queue')})")
+    p.add_argument("--rounds", type=int, help=f"generate: timed calls after the warm-up; the best counts "
+                   f"({_defaults('rounds')})")
     p.add_argument("--chars", type=int, help=f"distinct CJK characters; the tokenizer has about 1,000 tokens more "
-                   f"(default {GPU_DEFAULTS['chars']}; --smoke {SMOKE_DEFAULTS['chars']})")
+                   f"({_defaults('chars')})")
     p.add_argument("--model-vocab", type=int, default=0, help="embedding rows of the model (0: the tokenizer's size "
                    "rounded up to 64; 151936 gives Qwen2-0.5B's 0.49B parameters and LM-head cost)")
     p.add_argument("--server-timeout", type=int, default=300, help="seconds for huayu serve to answer /health")

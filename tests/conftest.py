@@ -23,6 +23,16 @@ DIALOGUES = [
 TEXTS = ["春天来了，花都开了。", "我们一起去公园散步吧。", "学习使人进步，读书让人快乐。", "问题和答案。再见，拜拜！"]
 
 
+def load_script(path):
+    """A benchmark script (benchmarks/*.py, not a package) imported as a module, to test its parts."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def write_conversations(path, dialogues=DIALOGUES) -> str:
     roles = ("user", "assistant")
     with open(path, "w", encoding="utf-8") as f:

@@ -4,7 +4,6 @@ The GPU test is marked `gpu` (and skipped without CUDA): it is the issue-19 acce
 Qwen2 at seq 2048 in bf16, huayu vs transformers.Trainer, a few minutes on one H100/H200.
 """
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
@@ -19,13 +19,6 @@ JOBS = ["huayu-full", "hf-full", "huayu-lora", "hf-lora"]
 # The GPU run's bar: huayu's loop at least this fast as Trainer's, and at most this much more memory.
 MIN_SPEED_RATIO = 0.8
 MAX_MEMORY_RATIO = 1.25
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _skip_unless_huayu_has(gpu_check, argv):
@@ -40,12 +33,12 @@ def _run(argv, timeout):
 
 
 def test_flags_are_read_from_huayu_help():
-    gpu_check = _module()
+    gpu_check = load_script(SCRIPT)
     assert gpu_check.missing_huayu_flags(["--max-steps", "--lora-rank", "--no-such-flag"]) == ["--no-such-flag"]
 
 
 def test_flops_per_token():
-    gpu_check = _module()
+    gpu_check = load_script(SCRIPT)
     # full: 6N + 12*L*d*T; LoRA: frozen weights cost 4 FLOPs per parameter, adapters 6
     assert gpu_check.flops_per_token("full", 1000, 10, 2, 8, 16) == 6 * 1000 + 12 * 2 * 8 * 16
     assert gpu_check.flops_per_token("lora", 1000, 10, 2, 8, 16) == 4 * 1000 + 6 * 10 + 12 * 2 * 8 * 16
@@ -60,7 +53,7 @@ def test_refuses_to_run_without_cuda():
 
 @pytest.mark.slow  # ~45 s on 2 cores: four training jobs, each in its own process
 def test_smoke_run_prints_the_summary(tmp_path):
-    gpu_check = _module()
+    gpu_check = load_script(SCRIPT)
     _skip_unless_huayu_has(gpu_check, ["--smoke"])
     out = tmp_path / "gpu_check.json"
     result = _run(["--smoke", "--json", str(out)], timeout=600)
@@ -82,7 +75,7 @@ def test_smoke_run_prints_the_summary(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (an H100/H200: ~0.4B model at seq 2048)")
 def test_gpu_check_on_one_gpu(tmp_path):
-    gpu_check = _module()
+    gpu_check = load_script(SCRIPT)
     _skip_unless_huayu_has(gpu_check, [])
     out = tmp_path / "gpu_check.json"
     result = _run(["--json", str(out)], timeout=900)

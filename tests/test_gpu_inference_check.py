@@ -4,7 +4,6 @@ The GPU test is marked `gpu` (and skipped without CUDA): issue 20's inference ch
 and `huayu serve` on a ~0.4B Qwen2 in bf16 beside transformers' generate(), about 2 minutes on one H100/H200.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,16 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_inference_check.py"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("gpu_inference_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _run(argv, timeout):
@@ -49,7 +42,7 @@ def _check_serve(summary, clients, serve_tokens):
 
 
 def test_first_difference():
-    check = _module()
+    check = load_script(SCRIPT)
     assert check.first_difference([[1, 2, 3]], [[1, 2, 3]]) is None
     assert check.first_difference([[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 9, 6]]) == 1
     assert check.first_difference([[1, 2]], [[1, 2, 3]]) == 2  # one side ended earlier

@@ -4,7 +4,6 @@ The smoke run (alpaca, the `small` preset, cutoff 256, one round of a few steps 
 script, not the numbers; the full benchmark and its results are in docs/benchmarks.md.
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -13,21 +12,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "sft_throughput.py"
 SIDES = ["huayu", "huayu --packing", "HF Trainer"]
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("sft_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_tail_loss_weights_the_last_quarter_of_the_tokens():
-    bench = _module()
+    bench = load_script(SCRIPT)
     steps = [{"loss_tokens": 30, "loss": 9.0}, {"loss_tokens": 60, "loss": 5.0}, {"loss_tokens": 10, "loss": 1.0}]
     # the last 25 of 100 tokens: 15 of the second step's, all 10 of the third's
     assert bench.tail_loss(steps) == pytest.approx((15 * 5.0 + 10 * 1.0) / 25)
@@ -35,7 +28,7 @@ def test_tail_loss_weights_the_last_quarter_of_the_tokens():
 
 
 def test_rates_leave_out_the_warm_up_steps():
-    bench = _module()
+    bench = load_script(SCRIPT)
     steps = [{"loss_tokens": 100, "real": 200, "computed": 400, "seconds": 99.0},
              {"loss_tokens": 50, "real": 80, "computed": 100, "seconds": 1.0},
              {"loss_tokens": 30, "real": 60, "computed": 100, "seconds": 0.5}]
@@ -45,13 +38,13 @@ def test_rates_leave_out_the_warm_up_steps():
 
 
 def test_flops_per_token():
-    bench = _module()
+    bench = load_script(SCRIPT)
     model = {"matmul_params": 1000, "layers": 2, "hidden": 8}
     assert bench.flops_per_token(model, 16.0) == 6 * 1000 + 12 * 2 * 8 * 16
 
 
 def test_subset_fills_the_packed_steps_too():
-    bench = _module()
+    bench = load_script(SCRIPT)
     args = bench.parse_args(["--tokens", "10", "--min-steps", "2", "--eval-examples", "3"])
     lengths = [10] * 200  # ten examples per 100-token row: 2 packed steps of 8 rows take 151 examples
     held, train = bench.split_subset(lengths, 100, args)

@@ -6,10 +6,10 @@ import json
 import string
 
 import pytest
+from test_chat_templates import tokenizer_for, view
 
-from huayu.data.batching import IGNORE
 from huayu.data.chat import encode_dialogue, encode_prompt, renders_tools, tool_templates, training_dialogues
-from huayu.data.chat_templates import TEMPLATES, use_template
+from huayu.data.chat_templates import TEMPLATES
 from huayu.errors import HuayuError
 
 TOOLS = [{"type": "function", "function": {"name": "calc", "description": "算", "parameters": {"type": "object"}}}]
@@ -52,25 +52,6 @@ def base_dir(tmp_path_factory):
     return str(path)
 
 
-def tokenizer_for(base_dir, name: str):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(base_dir)
-    tok.add_special_tokens({"additional_special_tokens": list(TEMPLATES[name].tokens)})
-    if name == "llama3":
-        tok.add_special_tokens({"bos_token": "<|begin_of_text|>"})
-    use_template(tok, name)
-    return tok
-
-
-def view(tok, example) -> str:
-    out, learning = [], False
-    for token, label in zip(example.input_ids, example.labels):
-        if (label != IGNORE) != learning:
-            out.append("«" if not learning else "»")
-            learning = not learning
-        out.append(tok.convert_ids_to_tokens(token))
-    return "".join(out + (["»"] if learning else []))
 
 
 def encoded(tok, messages):
